@@ -1,0 +1,71 @@
+"""ACC, ASR, RA and DER — the numbers every defense is judged by.
+
+DER (defense effectiveness rating, BackdoorBench) = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2,
+where ΔASR = ASR_before − ASR_after and ΔACC = ACC_before − ACC_after; 1 is perfect.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .data.dataset import ImageSet
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Predicted labels for uint8 (or [0,1] float) NCHW images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        out.append(model(x).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, data: ImageSet, device: str | torch.device = "cpu") -> float:
+    """Fraction of ``data`` classified correctly (clean accuracy, or RA on a triggered set)."""
+    if len(data) == 0:
+        return float("nan")
+    return float((predict(model, data.images, device=device) == data.labels).float().mean())
+
+
+def attack_success_rate(model: nn.Module, triggered: ImageSet, target: int, device: str | torch.device = "cpu") -> float:
+    """Fraction of triggered non-target-class images classified as ``target``."""
+    keep = triggered.labels != target
+    if not bool(keep.any()):
+        return float("nan")
+    pred = predict(model, triggered.images[keep], device=device)
+    return float((pred == target).float().mean())
+
+
+@dataclass
+class Metrics:
+    acc: float
+    asr: float | None = None
+    ra: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+def evaluate(model: nn.Module, clean: ImageSet, triggered: ImageSet | None = None, target: int | None = None,
+             device: str | torch.device = "cpu") -> Metrics:
+    """ACC on ``clean``; ASR and RA too when a triggered set and its target are given."""
+    acc = accuracy(model, clean, device)
+    if triggered is None or target is None:
+        return Metrics(acc)
+    return Metrics(acc, attack_success_rate(model, triggered, target, device), accuracy(model, triggered, device))
+
+
+def der(before: Metrics, after: Metrics) -> float | None:
+    """Defense effectiveness rating in [0, 1]; None when ASR is unknown."""
+    if before.asr is None or after.asr is None:
+        return None
+    d_asr = max(0.0, before.asr - after.asr)
+    d_acc = max(0.0, before.acc - after.acc)
+    return (d_asr - d_acc + 1) / 2

@@ -1,0 +1,210 @@
+"""Find the prunable neurons of any model from its traced graph.
+
+A *neuron* is one channel of a :class:`NeuronLayer`. Where a BatchNorm exists, the
+neuron is the BN channel (zeroing its γ and β forces the channel's output to exactly
+zero, whatever comes before it — which is what makes PreAct blocks, where BN sits
+before the conv, come out right). A conv with no BN after it is its own neuron layer
+(zero the filter and bias).
+
+Models are traced with ``torch.export`` into an ATen graph whose parameter nodes carry
+the original parameter names, so one analysis serves registry models and uploaded
+``.pt2`` programs alike, with no per-architecture tables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+_CONV = {"conv2d", "convolution", "_convolution", "conv1d"}
+_BN = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+       "_native_batch_norm_legit_functional", "native_batch_norm", "cudnn_batch_norm"}
+_ADD = {"add", "add_", "sub"}
+# ops that keep channel c of the input in channel c of the output
+_CHANNEL_PRESERVING = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "gelu", "silu", "sigmoid",
+                       "hardswish", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "max_pool2d_with_indices",
+                       "dropout", "clone", "contiguous", "alias", "detach", "getitem", "mul", "div", "_to_copy",
+                       "to", "identity", "_assert_tensor_metadata", "view", "flatten", "reshape", "_unsafe_view",
+                       "mean", "squeeze", "permute"}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        target = node.target
+        name = getattr(target, "__name__", str(target))
+        packet = getattr(target, "_overloadpacket", None)
+        if packet is not None:
+            name = packet.__name__
+        return name.split(".")[0]
+    if node.op == "call_method":
+        return str(node.target)
+    return ""
+
+
+@dataclass
+class NeuronLayer:
+    """One prunable layer: ``size`` channels, each zeroed by zeroing ``params[...][c]``."""
+
+    name: str
+    kind: str  # "bn" or "conv"
+    params: list[str]
+    size: int
+    producers: list[str] = field(default_factory=list)  # conv weights whose output channels feed this layer
+    consumers: list[str] = field(default_factory=list)  # conv/linear weights that read this layer's output
+    order: int = 0  # position in execution order
+    group: int = -1  # residual group (layers whose channels meet in an add); -1 when alone
+
+
+@dataclass
+class NeuronMap:
+    layers: list[NeuronLayer]
+    groups: dict[int, list[int]]  # group id -> indices of layers tied by residual adds
+
+    @property
+    def total(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def trace_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> fx.GraphModule:
+    """An ATen-level fx graph of ``model`` whose get_attr targets are ``model``'s parameter names."""
+    if isinstance(model, fx.GraphModule) and any(n.op == "get_attr" for n in model.graph.nodes):
+        return model
+    was_training = model.training
+    model.eval()
+    example = (torch.rand(2, *input_shape),)
+    try:
+        program = torch.export.export(model, example)
+    finally:
+        model.train(was_training)
+    return program.module()
+
+
+def _param_name(node: object) -> str | None:
+    return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> NeuronMap:
+    """The model's neuron layers in execution order, with producers, consumers and residual groups."""
+    gm = trace_graph(model, input_shape)
+    params = dict(model.named_parameters())
+    if isinstance(model, fx.GraphModule) is False and gm is not model:
+        prefix = ""
+    else:
+        prefix = ""
+    nodes = list(gm.graph.nodes)
+    conv_of: dict[fx.Node, str] = {}
+    bn_of: dict[fx.Node, NeuronLayer] = {}
+    layers: list[NeuronLayer] = []
+
+    def resolve(name: str | None) -> str | None:
+        if name is None:
+            return None
+        return name if name in params else (prefix + name if prefix + name in params else None)
+
+    for node in nodes:
+        op = _op_name(node)
+        if op in _CONV:
+            w = resolve(_param_name(node.args[1]))
+            if w is not None:
+                conv_of[node] = w
+        elif op in _BN:
+            w = resolve(_param_name(node.args[1]))
+            b = resolve(_param_name(node.args[2]))
+            if w is not None and b is not None:
+                layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind="bn", params=[w, b], size=params[w].shape[0])
+                bn_of[node] = layer
+                layers.append(layer)
+
+    def sources(start: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+        """Walk back through channel-preserving ops and adds: (convs, bns) that feed ``start``."""
+        convs, bns, stack, seen = [], [], [start], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or not isinstance(n, fx.Node):
+                continue
+            seen.add(n)
+            if n in conv_of:
+                convs.append(n)
+                continue
+            if n in bn_of:
+                bns.append(n)
+                continue
+            op = _op_name(n)
+            if op in _ADD:
+                stack.extend(a for a in n.args if isinstance(a, fx.Node))
+            elif op in _CHANNEL_PRESERVING or op in _BN:
+                if n.args and isinstance(n.args[0], fx.Node):
+                    stack.append(n.args[0])
+        return convs, bns
+
+    # BN layers: producers are the convs feeding their input
+    for node, layer in bn_of.items():
+        convs, _ = sources(node.args[0])
+        layer.producers = [conv_of[c] for c in convs]
+
+    # convs not followed by a BN become their own neuron layers
+    bn_inputs = {c for node in bn_of for c in sources(node.args[0])[0]}
+    for node, w in conv_of.items():
+        if node in bn_inputs:
+            continue
+        users_bn = False
+        if not users_bn:
+            bias = resolve(_param_name(node.args[2])) if len(node.args) > 2 else None
+            layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind="conv", params=[p for p in (w, bias) if p],
+                                size=params[w].shape[0], producers=[w])
+            bn_of[node] = layer  # treat as a channel source for grouping
+            layers.append(layer)
+
+    # consumers: convs / linears whose input traces back to the layer
+    for node in nodes:
+        op = _op_name(node)
+        if op in _CONV or op in {"linear", "addmm", "mm"}:
+            widx = 1 if op in _CONV or op == "linear" else 2
+            w = resolve(_param_name(node.args[widx])) if len(node.args) > widx else None
+            if w is None:
+                continue
+            _, feeding = sources(node.args[0] if op != "addmm" else node.args[1])
+            for f in feeding:
+                bn_of[f].consumers.append(w)
+
+    # residual groups: neuron layers whose outputs meet at an add (union-find)
+    parent = list(range(len(layers)))
+    index = {id(layer): i for i, layer in enumerate(layers)}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for node in nodes:
+        if _op_name(node) in _ADD:
+            _, feeding = sources(node)
+            ids = [index[id(bn_of[f])] for f in feeding]
+            for a in ids[1:]:
+                parent[find(a)] = find(ids[0])
+    order_of = {id(layer): i for i, layer in enumerate(sorted(
+        layers, key=lambda l: next(k for k, n in enumerate(nodes) if n in bn_of and bn_of[n] is l)))}
+    groups: dict[int, list[int]] = {}
+    for i in range(len(layers)):
+        groups.setdefault(find(i), []).append(i)
+    ordered = sorted(layers, key=lambda l: order_of[id(l)])
+    remap = {id(l): k for k, l in enumerate(ordered)}
+    final_groups: dict[int, list[int]] = {}
+    for gid, members in groups.items():
+        if len(members) > 1:
+            ks = sorted(remap[id(layers[m])] for m in members)
+            final_groups[ks[0]] = ks
+    for k, layer in enumerate(ordered):
+        layer.order = k
+    for gid, ks in final_groups.items():
+        for k in ks:
+            ordered[k].group = gid
+    return NeuronMap(ordered, final_groups)
