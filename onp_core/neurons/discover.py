@@ -53,6 +53,7 @@ class NeuronLayer:
     producers: list[str] = field(default_factory=list)  # conv weights whose output channels feed this layer
     consumers: list[str] = field(default_factory=list)  # conv/linear weights that read this layer's output
     order: int = 0  # position in execution order
+    node: str = ""  # name of the traced-graph node producing this layer's output
     group: int = -1  # residual group (layers whose channels meet in an add); -1 when alone
 
 
@@ -60,6 +61,7 @@ class NeuronLayer:
 class NeuronMap:
     layers: list[NeuronLayer]
     groups: dict[int, list[int]]  # group id -> indices of layers tied by residual adds
+    graph_module: fx.GraphModule | None = None  # the traced graph (shares the model's parameters)
 
     @property
     def total(self) -> int:
@@ -79,8 +81,9 @@ def trace_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> fx.Graph
     was_training = model.training
     model.eval()
     example = (torch.rand(2, *input_shape),)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
     try:
-        program = torch.export.export(model, example)
+        program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
     finally:
         model.train(was_training)
     return program.module()
@@ -94,10 +97,7 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
     """The model's neuron layers in execution order, with producers, consumers and residual groups."""
     gm = trace_graph(model, input_shape)
     params = dict(model.named_parameters())
-    if isinstance(model, fx.GraphModule) is False and gm is not model:
-        prefix = ""
-    else:
-        prefix = ""
+    prefix = ""
     nodes = list(gm.graph.nodes)
     conv_of: dict[fx.Node, str] = {}
     bn_of: dict[fx.Node, NeuronLayer] = {}
@@ -118,7 +118,8 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
             w = resolve(_param_name(node.args[1]))
             b = resolve(_param_name(node.args[2]))
             if w is not None and b is not None:
-                layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind="bn", params=[w, b], size=params[w].shape[0])
+                layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind="bn", params=[w, b], size=params[w].shape[0],
+                                    node=node.name)
                 bn_of[node] = layer
                 layers.append(layer)
 
@@ -158,7 +159,7 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
         if not users_bn:
             bias = resolve(_param_name(node.args[2])) if len(node.args) > 2 else None
             layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind="conv", params=[p for p in (w, bias) if p],
-                                size=params[w].shape[0], producers=[w])
+                                size=params[w].shape[0], producers=[w], node=node.name)
             bn_of[node] = layer  # treat as a channel source for grouping
             layers.append(layer)
 
@@ -207,4 +208,4 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
     for gid, ks in final_groups.items():
         for k in ks:
             ordered[k].group = gid
-    return NeuronMap(ordered, final_groups)
+    return NeuronMap(ordered, final_groups, gm)
