@@ -60,6 +60,96 @@ def train(
     console.print(f"wrote {out}/model.safetensors, manifest.json, subject.json")
 
 
+def _load_eval_sets(eval_attack: str | None, target: int, test_data: str | None, triggered: Path | None,
+                    manifest_shape: tuple[int, int, int]) -> tuple[object, object, int | None]:
+    """Clean test set and triggered test set used ONLY to report ACC/ASR after the repair."""
+    import json
+
+    from .attacks import attack_from_spec, make_attack
+    from .data import load_dataset
+    from .data.uploads import read_clean_data
+
+    if test_data is None:
+        return None, None, None
+    test = load_dataset(test_data, "test") if test_data in ("cifar10", "fashion_mnist") else read_clean_data(Path(test_data))
+    trig = None
+    if triggered is not None:
+        trig = read_clean_data(triggered)
+    elif eval_attack:
+        p = Path(eval_attack)
+        if p.exists():
+            spec = json.loads(p.read_text())
+            attack = attack_from_spec(spec["attack"] if "attack" in spec and isinstance(spec["attack"], dict) else spec)
+        else:
+            attack = make_attack(eval_attack, target=target)
+        target = attack.target
+        trig = attack.triggered_test_set(test)
+    return test, trig, (target if trig is not None else None)
+
+
+@app.command()
+def repair(
+    model_path: Path = typer.Argument(..., help="model file (.safetensors, .pt, .pt2) or a folder with manifest.json"),
+    data: Path = typer.Option(..., "--data", help="clean data: .npz, or a .zip/.tar of class folders"),
+    out: Path = typer.Option(..., "-o", "--out", help="output folder for the repaired model and report.json"),
+    method: str = typer.Option("onp", help="onp, anp, rnp, clp or fp"),
+    manifest: Optional[Path] = typer.Option(None, help="manifest.json when the model file has none"),
+    options: str = typer.Option("{}", help="method options as JSON, e.g. '{\"iterations\": 20}'"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    test_data: Optional[str] = typer.Option(None, help="test set for reporting: cifar10, fashion_mnist or a file"),
+    eval_attack: Optional[str] = typer.Option(None, help="attack name or subject.json, to report ASR (never used by the defense)"),
+    triggered: Optional[Path] = typer.Option(None, help="a triggered test set (.npz), to report ASR"),
+    target: int = typer.Option(0, help="target class for ASR with --eval-attack NAME or --triggered"),
+) -> None:
+    """Repair a backdoored model with clean data only; print a before/after table."""
+    import json
+    import time
+
+    from .data.uploads import read_clean_data
+    from .defenses import make_config, get_defense
+    from .metrics import der, evaluate
+    from .models import ModelManifest, load_model, save_model
+
+    loaded = load_model(model_path, ModelManifest.load(manifest) if manifest else None)
+    clean = read_clean_data(data, num_classes=loaded.manifest.num_classes)
+    opts = {"seed": seed, "device": device, **json.loads(options)}
+    config = make_config(method, opts)
+    test, trig, tgt = _load_eval_sets(eval_attack, target, test_data, triggered, loaded.manifest.input_shape)
+    before = evaluate(loaded.model, test, trig, tgt) if test is not None else None
+    t0 = time.time()
+    with _progress() as bar:
+        task = bar.add_task(f"{method} repair", total=None, info="")
+
+        def on_progress(step: int, total: int, info: dict) -> None:
+            shown = " ".join(f"{k}={v}" for k, v in info.items())
+            bar.update(task, completed=step, total=total or None, info=shown[:80])
+
+        result = get_defense(method).repair(loaded.model, clean, config, on_progress)
+    seconds = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = {"safetensors": ".safetensors", "pt": ".pt", "pt2": ".pt2"}[loaded.format]
+    save_model(result.model, out / f"model{suffix}", loaded.format)
+    after = evaluate(result.model, test, trig, tgt) if test is not None else None
+    table = Table(title=f"{method} repair ({result.num_pruned} neurons pruned, {seconds:.1f}s)")
+    for col in ("", "clean held-out ACC", "test ACC", "ASR", "RA"):
+        table.add_column(col)
+    fmt = lambda v: "—" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    table.add_row("before", fmt(result.clean_acc_before), fmt(before.acc if before else None),
+                  fmt(before.asr if before else None), fmt(before.ra if before else None))
+    table.add_row("after", fmt(result.clean_acc_after), fmt(after.acc if after else None),
+                  fmt(after.asr if after else None), fmt(after.ra if after else None))
+    console.print(table)
+    report = {"method": method, "options": config.model_dump(mode="json"), "seconds": seconds,
+              "num_pruned": result.num_pruned, "pruned": result.pruned,
+              "clean_acc_before": result.clean_acc_before, "clean_acc_after": result.clean_acc_after,
+              "test_before": before.as_dict() if before else None, "test_after": after.as_dict() if after else None,
+              "der": der(before, after) if before and after else None, "trace": result.trace,
+              "details": result.details}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    console.print(f"wrote {out / ('model' + suffix)} and {out / 'report.json'}")
+
+
 def main() -> None:
     app()
 

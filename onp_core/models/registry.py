@@ -52,6 +52,19 @@ class ImageClassifier(nn.Module):
         self.register_buffer("std", std, persistent=False)
         self.normalize = manifest.mean is not None
 
+    @property
+    def exported(self) -> bool:
+        """True when ``net`` is an unlifted ``torch.export`` program (fixed eval-mode graph)."""
+        return self.manifest.arch == "exported"
+
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        # Exported programs refuse .train()/.eval(): their graph is frozen in eval
+        # mode (BN uses running statistics), which is what repair needs anyway.
+        self.training = mode
+        if not self.exported:
+            self.net.train(mode)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             x = (x - self.mean) / self.std

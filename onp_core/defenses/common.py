@@ -1,0 +1,296 @@
+"""Helpers shared by the baseline defenses (ANP, RNP, CLP, Fine-Pruning).
+
+Everything here works on any model the engine can load — registry ``nn.Module``\\ s and
+``.pt2`` programs alike — because it only touches parameters by name (through
+:func:`torch.func.functional_call` or in place) and the graph traced by
+:func:`onp_core.neurons.trace_graph`; no module types are assumed.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.func import functional_call
+
+from ..data.dataset import ImageSet
+from ..neurons import NeuronMap, prune
+from ..neurons.discover import _op_name, trace_graph
+
+
+# ---------------------------------------------------------------- modes and data
+def set_training(model: nn.Module, mode: bool) -> None:
+    """Like ``model.train(mode)``, but also for ``torch.export`` modules, whose ``train()`` raises.
+
+    A program exported in eval mode keeps its BatchNorms on running statistics whatever
+    this flag says (the op is fixed in its graph); registry models switch normally.
+    """
+    for module in model.modules():
+        module.training = mode
+
+
+@dataclass
+class Tensors:
+    """A clean split as pre-stacked tensors on the compute device."""
+
+    x: torch.Tensor  # float32 N x C x H x W in [0, 1]
+    y: torch.Tensor  # int64 N
+
+    @classmethod
+    def of(cls, data: ImageSet, device: torch.device) -> "Tensors":
+        return cls(data.float().to(device), data.labels.to(device))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def augment(x: torch.Tensor, padding: int, hflip: bool, g: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding + optional random horizontal flip, vectorised (any device)."""
+    n, _, h, w = x.shape
+    if padding:
+        padded = F.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).view(n, 1, h, 1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).view(n, 1, 1, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+        x = padded[batch, chans, rows, cols]
+    if hflip:
+        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    return x
+
+
+def crop_padding(input_shape: Sequence[int]) -> int:
+    """The random-crop padding the subjects are trained with: 4 px at 32 px (h/8), 2 px below."""
+    h = min(input_shape[1:])
+    return h // 8 if h >= 32 else 2
+
+
+class Sampler:
+    """Mini-batches drawn from pre-stacked tensors, seeded, with optional augmentation."""
+
+    def __init__(self, data: Tensors, batch_size: int, seed: int, augment: bool, padding: int, hflip: bool):
+        self.data, self.batch_size = data, batch_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.augment, self.padding, self.hflip = augment, padding, hflip
+
+    def _take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.data.x.device)
+        x, y = self.data.x[idx], self.data.y[idx]
+        if self.augment:
+            x = augment(x, self.padding, self.hflip, self.g)
+        return x, y
+
+    def random_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` samples drawn with replacement (ANP's RandomSampler(replacement=True))."""
+        return self._take(torch.randint(0, len(self.data), (self.batch_size,), generator=self.g))
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled pass in batches (the last one may be short)."""
+        order = torch.randperm(len(self.data), generator=self.g)
+        for i in range(0, len(order), self.batch_size):
+            yield self._take(order[i:i + self.batch_size])
+
+
+@torch.no_grad()
+def accuracy_of(model: nn.Module, data: Tensors, batch_size: int = 1000) -> float:
+    """Accuracy in eval mode over pre-stacked tensors, in big batches."""
+    if len(data) == 0:
+        return float("nan")
+    was = model.training
+    set_training(model, False)
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        correct += int((model(data.x[i:i + batch_size]).argmax(1) == data.y[i:i + batch_size]).sum())
+    set_training(model, was)
+    return correct / len(data)
+
+
+# ---------------------------------------------------------------- soft masks on neuron layers
+def scaled_params(model: nn.Module, neurons: NeuronMap, weight_scale: Mapping[int, torch.Tensor],
+                  bias_scale: Mapping[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Parameter overrides that scale each neuron layer's channels.
+
+    For layer ``li``, its first parameter (BN γ or conv weight) is multiplied channel-wise by
+    ``weight_scale[li]`` and its second (BN β or conv bias), if any, by ``bias_scale[li]``.
+    This is ANP's / RNP's ``weight * coeff_weight, bias * coeff_bias`` without replacing
+    modules, so it also works for ``.pt2`` programs. Feed the result to :func:`functional_call`.
+    """
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for li, scale in weight_scale.items():
+        names = neurons.layers[li].params
+        w = params[names[0]]
+        out[names[0]] = w * scale.view(-1, *([1] * (w.ndim - 1)))
+        if bias_scale is not None and li in bias_scale and len(names) > 1:
+            b = params[names[1]]
+            out[names[1]] = b * bias_scale[li].view(-1, *([1] * (b.ndim - 1)))
+    return out
+
+
+def forward_with(model: nn.Module, overrides: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return functional_call(model, overrides, (x,), strict=False)
+
+
+@torch.no_grad()
+def zero_channels(model: nn.Module, neurons: NeuronMap, pruned: Mapping[int, Sequence[int]],
+                  weight_only: bool = False) -> None:
+    """Prune channels in place: zero γ and β (or only γ / the conv filter when ``weight_only``).
+
+    ``weight_only`` is what the official ANP and RNP code does (``state_dict[bn.weight][k] = 0``):
+    the channel then outputs the constant β, which carries no input information. The default
+    zeroes β as well, the engine's convention for a removed neuron.
+    """
+    if not weight_only:
+        prune(model, neurons, {li: list(ch) for li, ch in pruned.items() if len(ch)})
+        return
+    params = dict(model.named_parameters())
+    for li, channels in pruned.items():
+        if len(channels):
+            params[neurons.layers[li].params[0]][list(channels)] = 0
+
+
+def by_name(neurons: NeuronMap, pruned: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
+    """{layer index: channels} -> {layer name: sorted channels}, empty layers dropped."""
+    return {neurons.layers[li].name: sorted(int(c) for c in ch) for li, ch in sorted(pruned.items()) if len(ch)}
+
+
+def select_by_mask(masks: Mapping[int, torch.Tensor], prune_by: str, threshold: float,
+                   number: int | None) -> dict[int, list[int]]:
+    """Neurons to prune from learned mask values (ANP / RNP).
+
+    ``threshold``: every neuron whose mask is ≤ ``threshold`` (the official ``evaluate_by_threshold``
+    rule). ``number``: the ``number`` neurons with the smallest masks over all layers.
+    """
+    if prune_by == "threshold":
+        return {li: torch.nonzero(m <= threshold).flatten().tolist() for li, m in masks.items()}
+    if number is None:
+        raise ValueError("prune_by='number' needs prune_number")
+    flat = [(float(v), li, c) for li, m in masks.items() for c, v in enumerate(m.tolist())]
+    flat.sort(key=lambda t: (t[0], t[1], t[2]))
+    out: dict[int, list[int]] = {li: [] for li in masks}
+    for _, li, c in flat[:number]:
+        out[li].append(c)
+    return out
+
+
+# ---------------------------------------------------------------- graph look-ups
+def _node_param(node: Any) -> str | None:
+    return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def bn_statistics(model: nn.Module, neurons: NeuronMap,
+                  input_shape: Sequence[int]) -> dict[int, tuple[torch.Tensor, float]]:
+    """{BN layer index: (running_var, eps)} read from the traced graph (works for ``.pt2``)."""
+    gm = trace_graph(model, tuple(input_shape))  # type: ignore[arg-type]
+    buffers = dict(model.named_buffers())
+    by_weight = {layer.params[0]: li for li, layer in enumerate(neurons.layers) if layer.kind == "bn"}
+    out: dict[int, tuple[torch.Tensor, float]] = {}
+    for node in gm.graph.nodes:
+        op = _op_name(node)
+        if "batch_norm" not in op or len(node.args) < 5:
+            continue
+        li = by_weight.get(_node_param(node.args[1]) or "")
+        var_name = _node_param(node.args[4])
+        if li is None or var_name is None:
+            continue
+        var = buffers.get(var_name)
+        if var is None:
+            var = gm.get_buffer(var_name)
+        # (input, w, b, mean, var, momentum, eps) for the no-training op; (…, var, training, momentum, eps…) else
+        eps = node.args[6] if op == "_native_batch_norm_legit_no_training" else node.args[7]
+        out[li] = (var.detach(), float(eps))
+    return out
+
+
+_ELEMENTWISE_AFTER = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "gelu", "silu", "hardswish",
+                      "add", "add_", "dropout", "clone", "alias", "detach", "_to_copy", "to", "contiguous"}
+
+
+@torch.no_grad()
+def mean_activation(model: nn.Module, neurons: NeuronMap, li: int, data: Tensors, input_shape: Sequence[int],
+                    batch_size: int = 500) -> torch.Tensor:
+    """Mean activation per channel of neuron layer ``li`` over ``data`` (eval mode).
+
+    The layer's output (BN or conv node) is followed forward through single-user element-wise
+    ops — the ReLU, and a residual add and its ReLU — so the value measured is the channel's
+    activation as the next layer sees it (Fine-Pruning's "activation of the last conv layer").
+    """
+    gm = trace_graph(model, tuple(input_shape))  # type: ignore[arg-type]
+    layer = neurons.layers[li]
+    start = None
+    for node in gm.graph.nodes:
+        op = _op_name(node)
+        if ("batch_norm" in op or "conv" in op) and len(node.args) > 1 and _node_param(node.args[1]) == layer.params[0]:
+            start = node
+            break
+    if start is None:
+        raise ValueError(f"neuron layer {layer.name} not found in the traced graph")
+    target = start
+    # batch-norm ops may return a tuple whose [0] is taken by getitem
+    users = list(target.users)
+    if len(users) == 1 and _op_name(users[0]) == "getitem":
+        target = users[0]
+    while True:
+        users = list(target.users)
+        if len(users) != 1 or _op_name(users[0]) not in _ELEMENTWISE_AFTER:
+            break
+        target = users[0]
+
+    sums = torch.zeros(layer.size, dtype=torch.float64)
+    captured: list[torch.Tensor] = []
+
+    class _Capture(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if n is target:
+                t = result[0] if isinstance(result, (tuple, list)) else result
+                captured.append(t.detach().transpose(0, 1).reshape(t.shape[1], -1).double().mean(1).cpu() * t.shape[0])
+            return result
+
+    interp = _Capture(gm)
+    for i in range(0, len(data), batch_size):
+        captured.clear()
+        interp.run(data.x[i:i + batch_size])
+        sums += captured[0]
+    return (sums / len(data)).float()
+
+
+# ---------------------------------------------------------------- reference-only sweep (benchmarks)
+def sweep_masks(model: nn.Module, result: Any, clean_test: ImageSet, triggered: ImageSet, target: int,
+                thresholds: Sequence[float] | None = None, device: str = "auto") -> dict[str, Any]:
+    """Prune ``model`` at each mask threshold of ``result.details['mask_values']``; ACC and ASR per row.
+
+    REFERENCE ONLY: it reads a triggered set, so no defense may call it; benchmarks use it to
+    report the best-by-ASR row the ANP/RNP papers' sweeps correspond to.
+    """
+    import copy
+
+    from ..device import resolve_device
+    from ..metrics import accuracy, attack_success_rate
+    from ..neurons import discover_neurons
+
+    dev = resolve_device(device)
+    if thresholds is None:
+        thresholds = [round(0.05 * i, 2) for i in range(19)]  # 0.00 … 0.90, the official pruning_max/step
+    values = result.details["mask_values"]
+    weight_only = result.details.get("weight_only", True)
+    neurons = discover_neurons(model, model.manifest.input_shape)  # type: ignore[union-attr]
+    index = {layer.name: li for li, layer in enumerate(neurons.layers)}
+    masks = {index[name]: torch.tensor(v) for name, v in values.items() if name in index}
+    rows = []
+    for t in thresholds:
+        net = copy.deepcopy(model)
+        set_training(net, False)
+        selected = select_by_mask(masks, "threshold", float(t), None)
+        zero_channels(net, neurons, selected, weight_only=weight_only)
+        net.to(dev)
+        rows.append({"threshold": float(t), "num_pruned": sum(len(c) for c in selected.values()),
+                     "acc": accuracy(net, clean_test, dev), "asr": attack_success_rate(net, triggered, target, dev)})
+    best = min(rows, key=lambda r: (r["asr"], -r["acc"]))
+    return {"rows": rows, "best": best, "reference_only": True}

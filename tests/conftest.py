@@ -1,0 +1,41 @@
+"""Shared fixtures: real backdoored subjects trained once per test run and cached.
+
+Training happens in ``$ONP_CACHE_DIR`` (``scripts/test.sh`` sets it), so every test
+that needs a subject reuses the same one. The epochs are the smallest that reach
+the accuracy the engine issue demands (measured: see docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from onp_core.data import ImageSet, balanced_subset, load_dataset
+from onp_core.subjects import Subject, SubjectSpec, cached_subject
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+CIFAR_BADNETS = SubjectSpec(arch="small_cnn", dataset="cifar10", attack="badnets", epochs=8)
+FMNIST_BADNETS = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="badnets", epochs=4)
+
+
+@pytest.fixture(scope="session")
+def cifar_badnets_subject() -> Subject:
+    return cached_subject(CIFAR_BADNETS)
+
+
+@pytest.fixture(scope="session")
+def fmnist_badnets_subject() -> Subject:
+    return cached_subject(FMNIST_BADNETS)
+
+
+@pytest.fixture(scope="session")
+def cifar_clean_500() -> ImageSet:
+    """The defender's clean set: 500 class-balanced CIFAR-10 training images (1%)."""
+    return balanced_subset(load_dataset("cifar10", "train"), 500, seed=1)
+
+
+@pytest.fixture(scope="session")
+def fmnist_clean_500() -> ImageSet:
+    return balanced_subset(load_dataset("fashion_mnist", "train"), 500, seed=1)

@@ -1,0 +1,104 @@
+"""Neuron discovery and masks on every registry architecture and on an unknown .pt2 program."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from onp_core.models import ARCHITECTURES, ImageClassifier, ModelManifest, build_model, load_model, save_model
+from onp_core.neurons import discover_neurons, masked, prune
+from onp_core.neurons.probe import MaskedNet
+
+
+class _ResidualNet(nn.Module):
+    """An architecture the registry does not know: post-activation residual block, no BN in the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.a = nn.Conv2d(12, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.bn(self.a(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    """Give BN layers non-trivial statistics so masking differences are visible."""
+    g = torch.Generator().manual_seed(0)
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and p.ndim == 1:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_mask_on_weights_equals_mask_on_activations(arch: str) -> None:
+    model = build_model(ModelManifest(arch=arch, num_classes=10, input_shape=(3, 32, 32))).eval()
+    _randomise_bn(model)
+    neurons = discover_neurons(model, (3, 32, 32))
+    assert len(neurons) > 0 and neurons.total > 0
+    probe = MaskedNet(neurons)
+    g = torch.Generator().manual_seed(1)
+    masks = {i: (torch.rand(layer.size, generator=g) > 0.3).float() for i, layer in enumerate(neurons.layers)}
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        plain = model(x)
+        probe.set_masks(masks)
+        on_activations = probe(x)
+        probe.set_masks(None)
+        with masked(model, neurons, masks):
+            on_weights = model(x)
+        restored = model(x)
+    assert torch.allclose(on_weights, on_activations, atol=1e-5)
+    assert not torch.allclose(on_weights, plain, atol=1e-4), "masks had no effect"
+    assert torch.equal(restored, plain), "masked() must restore the weights"
+
+
+def test_preact_neurons_are_bn_channels_before_convs() -> None:
+    model = build_model(ModelManifest(arch="preact_resnet18", num_classes=10, input_shape=(3, 32, 32)))
+    neurons = discover_neurons(model, (3, 32, 32))
+    names = [layer.name for layer in neurons.layers]
+    assert "net.layer1.0.bn2" in names and "net.bn" in names
+    bn2 = neurons.layers[names.index("net.layer1.0.bn2")]
+    assert bn2.producers == ["net.layer1.0.conv1.weight"]
+    assert bn2.consumers == ["net.layer1.0.conv2.weight"]
+    # the BN after a residual add reads the sum of the stem and the first block's conv2
+    bn1 = neurons.layers[names.index("net.layer1.1.bn1")]
+    assert set(bn1.producers) == {"net.conv1.weight", "net.layer1.0.conv2.weight"}
+
+
+def test_resnet_residual_groups_tie_channels_across_blocks() -> None:
+    model = build_model(ModelManifest(arch="resnet18", num_classes=10, input_shape=(3, 32, 32)))
+    neurons = discover_neurons(model, (3, 32, 32))
+    groups = [[neurons.layers[i].name for i in members] for members in neurons.groups.values()]
+    assert ["net.bn1", "net.layer1.0.bn2", "net.layer1.1.bn2"] in groups
+    assert any("net.layer2.0.shortcut.1" in g and "net.layer2.0.bn2" in g for g in groups)
+
+
+def test_unknown_residual_pt2_program(tmp_path) -> None:
+    net = _ResidualNet().eval()
+    _randomise_bn(net)
+    manifest = ModelManifest(arch="exported", num_classes=5, input_shape=(3, 32, 32))
+    save_model(ImageClassifier(net, manifest), tmp_path / "m.pt2", "pt2")
+    loaded = load_model(tmp_path / "m.pt2")
+    neurons = discover_neurons(loaded.model, (3, 32, 32))
+    kinds = sorted((layer.kind, layer.size) for layer in neurons.layers)
+    assert kinds == [("bn", 12), ("bn", 12)]
+    assert len(neurons.groups) == 1, "stem BN and block BN meet in the residual add"
+    x = torch.rand(3, 3, 32, 32)
+    before = loaded.model(x)
+    prune(loaded.model, neurons, {0: [0, 1, 2]})
+    after = loaded.model(x)
+    assert not torch.allclose(before, after)
+    save_model(loaded.model, tmp_path / "pruned.pt2", "pt2")
+    again = load_model(tmp_path / "pruned.pt2")
+    assert torch.allclose(again.model(x), after, atol=1e-5)
