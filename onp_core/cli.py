@@ -46,8 +46,10 @@ def train(
         task = bar.add_task("training", total=epochs, info="")
 
         def on_epoch(done: int, total: int, info: dict[str, float]) -> None:
-            bar.update(task, completed=done,
-                       info=f"loss {info['loss']:.3f} train-acc {info['train_acc']:.3f} {info['seconds']:.0f}s/epoch")
+            line = f"loss {info['loss']:.3f} train-acc {info['train_acc']:.3f} {info['seconds']:.0f}s/epoch"
+            bar.update(task, completed=done, info=line)
+            if not console.is_terminal:
+                console.print(f"epoch {done}/{total}: {line}")
 
         subject = train_subject(spec, out, on_epoch=on_epoch, device=device)
     table = Table(title=f"subject {spec.key()}")
@@ -58,6 +60,24 @@ def train(
     table.add_row(fmt(m["acc"]), fmt(m["asr"]), fmt(m["ra"]), str(m["train_seconds"]))
     console.print(table)
     console.print(f"wrote {out}/model.safetensors, manifest.json, subject.json")
+
+
+@app.command("make-clean-set")
+def make_clean_set(
+    dataset: str = typer.Option("cifar10", help="cifar10 or fashion_mnist"),
+    n: int = typer.Option(500, min=10, help="number of images, class-balanced"),
+    split_name: str = typer.Option("train", "--split", help="train or test"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., "-o", "--out", help="output .npz (x uint8 NCHW, y int64)"),
+) -> None:
+    """Write a class-balanced clean subset of a built-in data set as .npz (the defender's data)."""
+    import numpy as np
+
+    from .data import balanced_subset, load_dataset
+
+    subset = balanced_subset(load_dataset(dataset, split_name), n, seed=seed)
+    np.savez_compressed(out, x=subset.images.numpy(), y=subset.labels.numpy())
+    console.print(f"wrote {len(subset)} images {subset.shape} to {out}")
 
 
 def _load_eval_sets(eval_attack: str | None, target: int, test_data: str | None, triggered: Path | None,

@@ -55,9 +55,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .dataset import ImageSet
-from .limits import DataFormatError, Deadline, UploadLimits, check_expected_shape, shape_text
+from .limits import DataFormatError, Deadline, UploadLimits, check_expected_shape
 
 _MIB = 1 << 20
+_MAX_DIR_ENTRY_BYTES = 46 + 512 + 64  # central-directory record + generous name + extra field
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".gif": "GIF",
                     ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pnm": "PPM"}
 PIL_FORMATS = sorted(set(IMAGE_EXTENSIONS.values()))
@@ -134,25 +135,33 @@ class Member:
     data: bytes | None = None  # only for files we read
 
 
-def _zip_entry_count(f) -> int | None:
-    """Entries declared in the end-of-central-directory record (read before ``ZipFile`` parses it)."""
+def _zip_directory_size(f) -> tuple[int, int] | None:
+    """(entries, central-directory bytes) from the end record, read before ``ZipFile`` parses the directory.
+
+    ``ZipFile`` parses the whole directory regardless of the declared count, so both are
+    bounded: a lying count cannot hide millions of entries in a huge directory.
+    """
     try:
         rec = zipfile._EndRecData(f)  # noqa: SLF001 - the stdlib has no public accessor
     except Exception:
         return None
     if not rec:
         return None
-    return int(rec[zipfile._ECD_ENTRIES_TOTAL])  # noqa: SLF001
+    return int(rec[zipfile._ECD_ENTRIES_TOTAL]), int(rec[zipfile._ECD_SIZE])  # noqa: SLF001
 
 
 def iter_zip(path: Path, limits: UploadLimits, deadline: Deadline, wanted) -> Iterator[Member]:
     """Yield members of a zip; file data is read (bounded) only when ``wanted(path)`` is true."""
     with open(path, "rb") as f:
-        declared = _zip_entry_count(f)
-        if declared is None:
+        directory = _zip_directory_size(f)
+        if directory is None:
             raise DataFormatError("not a valid zip archive (no end-of-central-directory record)")
+        declared, cd_bytes = directory
         if declared > limits.max_members:
             raise DataFormatError(f"the archive has {declared} entries, over the limit of {limits.max_members}")
+        if cd_bytes > limits.max_members * _MAX_DIR_ENTRY_BYTES:
+            raise DataFormatError(f"the archive's directory is {cd_bytes} bytes: more entries than the limit of "
+                                  f"{limits.max_members} (or absurdly long names)")
         f.seek(0)
         try:
             zf = zipfile.ZipFile(f)
@@ -250,7 +259,9 @@ def iter_tar(path: Path, limits: UploadLimits, deadline: Deadline, wanted) -> It
         buffered = io.BufferedReader(stream, buffer_size=1 << 16)
         try:
             tf = tarfile.open(fileobj=buffered, mode="r|")
-        except tarfile.TarError as exc:
+        except DataFormatError:
+            raise
+        except (tarfile.TarError, OSError, EOFError, zlib_error(), lzma.LZMAError, ValueError) as exc:
             raise DataFormatError(f"not a valid tar archive: {exc}") from None
         count, total = 0, 0
         seen: set[str] = set()
@@ -263,7 +274,8 @@ def iter_tar(path: Path, limits: UploadLimits, deadline: Deadline, wanted) -> It
                         raise DataFormatError(f"the archive has more than {limits.max_members} entries")
                     rel = safe_member_name(info.name)
                     if info.issym() or info.islnk():
-                        raise DataFormatError(f"archive entry {info.name!r} is a {'symbolic' if info.issym() else 'hard'}"
+                        link = "symbolic" if info.issym() else "hard"
+                        raise DataFormatError(f"archive entry {info.name!r} is a {link}"
                                               f" link (to {info.linkname!r}); links are refused")
                     if info.isdir():
                         if rel:
@@ -272,7 +284,8 @@ def iter_tar(path: Path, limits: UploadLimits, deadline: Deadline, wanted) -> It
                     if not info.isreg() or info.issparse():
                         kind = ("device" if info.ischr() or info.isblk() else "FIFO" if info.isfifo()
                                 else "sparse file" if info.issparse() else "special entry")
-                        raise DataFormatError(f"archive entry {info.name!r} is a {kind}; only regular files are allowed")
+                        raise DataFormatError(f"archive entry {info.name!r} is a {kind}; "
+                                              "only regular files are allowed")
                     if rel in seen:
                         raise DataFormatError(f"the archive has duplicate entry {info.name!r}")
                     seen.add(rel)
@@ -318,7 +331,7 @@ def decode_image(data: bytes, name: str, limits: UploadLimits) -> Image.Image:
     except UnidentifiedImageError:
         raise DataFormatError(f"file {name!r} is not a readable image ({', '.join(PIL_FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataFormatError(f"image {name!r} is too large: {exc}") from None
+        raise DataFormatError(f"image {name!r} is too large (PIL decompression-bomb guard): {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError,
             ZeroDivisionError, OverflowError) as exc:
         raise DataFormatError(f"image {name!r} is corrupt or truncated: {exc}") from None
@@ -350,7 +363,8 @@ def _resolve_layout(files: list[str], dirs: set[str], split: str | None) -> tupl
     parents = {posixpath.dirname(p) for p in files}
     if "" in parents:
         loose = next(p for p in files if "/" not in p)
-        raise DataFormatError(f"image {loose!r} is not inside a class folder; put each class's images in its own folder")
+        raise DataFormatError(f"image {loose!r} is not inside a class folder; "
+                              "put each class's images in its own folder")
     prefix = ""
     while True:
         tops = {p[len(prefix):].split("/")[0] for p in parents}
@@ -504,4 +518,4 @@ def _palette_is_grey(im: Image.Image) -> bool:
     return bool(rgb.size) and bool((rgb == rgb[:, :1]).all())
 
 
-__all__ = ["IMAGE_EXTENSIONS", "iter_tar", "iter_zip", "read_image_archive", "safe_member_name", "shape_text"]
+__all__ = ["IMAGE_EXTENSIONS", "iter_tar", "iter_zip", "read_image_archive", "safe_member_name"]

@@ -169,7 +169,8 @@ def _labels(y: np.ndarray, n: int, num_classes: int | None) -> np.ndarray:
         if lo < 0:
             raise DataFormatError(f"labels must be >= 0; found {lo}")
         if num_classes is not None and hi >= num_classes:
-            raise DataFormatError(f"label {hi} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+            raise DataFormatError(f"label {hi} is out of range: the model has {num_classes} classes "
+                                  f"(0..{num_classes - 1})")
         if hi >= 100_000:
             raise DataFormatError(f"label {hi} is implausibly large")
     return y.astype(np.int64)

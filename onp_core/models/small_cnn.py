@@ -17,7 +17,7 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 class SmallCNN(nn.Module):
     """Three stages of two conv blocks each, max-pooling between, global average pool."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int] = (32, 64, 128)):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int] = (16, 32, 64)):
         super().__init__()
         w1, w2, w3 = widths
         self.features = nn.Sequential(

@@ -27,7 +27,7 @@ class PolicyValueNet(nn.Module):
         self.inp = nn.Linear(inp, hidden)
         self.convs = nn.ModuleList(GCNConv(hidden, hidden, add_self_loops=True, normalize=True) for _ in range(layers))
         self.mlps = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))  # the no-graph ablation
-        self.prune_head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.prune_head = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         self.value_head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         with torch.no_grad():
             self.prune_head[-1].weight.mul_(0.1)

@@ -7,6 +7,7 @@ result's ``details['timing']`` reports each.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -65,7 +66,7 @@ def _greedy_candidates(features: Any, ctx: ModelContext, reward: Reward, cfg: Co
     suspicion = torch.cat([(1 - a) + (1 - r) for a, r in zip(raw["anp_mask_abs"], raw["rnp_mask_abs"])])
     order = suspicion.argsort(descending=True)
     max_k = max(1, int(cfg.max_prune_fraction * ctx.total))
-    counts = sorted({max(1, int(round(v))) for v in torch.logspace(0, torch.log10(torch.tensor(float(max_k))), 24)})
+    counts = sorted({max(1, round(float(v))) for v in torch.logspace(0, math.log10(max_k), 24)})
     out = []
     for k in counts:
         keep = torch.ones(ctx.total)

@@ -1,0 +1,66 @@
+"""Train (or reuse from the cache) the CPU subject zoo and print ACC/ASR with times.
+
+    .venv/bin/python -m bench.zoo --profile cpu [--datasets cifar10 fashion_mnist] [--attacks badnets ...]
+
+The cpu profile is small CNN × {BadNets, Blended, WaNet, SIG} × {CIFAR-10, Fashion-MNIST},
+10% poisoning, target 0. The gpu profile trains PreAct-ResNet18 and VGG16-BN on
+CIFAR-10 (BackdoorBench protocol) and is meant for a machine with a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from onp_core.subjects import Subject, SubjectSpec, cached_subject
+
+EPOCHS = {"cifar10": 8, "fashion_mnist": 4}
+ATTACKS = ("badnets", "blended", "wanet", "sig")
+
+
+def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int = 0) -> list[SubjectSpec]:
+    if profile == "cpu":
+        return [SubjectSpec(arch="small_cnn", dataset=d, attack=a, epochs=EPOCHS[d], seed=seed)
+                for d in datasets for a in attacks]
+    return [SubjectSpec(arch=arch, dataset="cifar10", attack=a, epochs=60, seed=seed, lr=0.1)
+            for arch in ("preact_resnet18", "vgg16_bn") for a in attacks]
+
+
+def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 0) -> list[Subject]:
+    return [cached_subject(spec) for spec in zoo_specs(profile, datasets, attacks, seed)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--datasets", nargs="+", default=["cifar10", "fashion_mnist"])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--out", type=Path, default=Path("docs/zoo.json"))
+    args = parser.parse_args()
+    console = Console()
+    rows = []
+    for spec in zoo_specs(args.profile, args.datasets, args.attacks):
+        t = time.time()
+        subject = cached_subject(spec)
+        rows.append({"spec": asdict(spec), **subject.metrics, "load_seconds": round(time.time() - t, 1)})
+        console.print(f"{spec.key()}: ACC {subject.metrics['acc']:.4f} ASR {subject.metrics['asr']:.4f} "
+                      f"({subject.metrics['train_seconds']}s to train)")
+    table = Table(title=f"subject zoo ({args.profile})")
+    for col in ("arch", "dataset", "attack", "epochs", "ACC", "ASR", "RA", "train s"):
+        table.add_column(col)
+    for r in rows:
+        s = r["spec"]
+        table.add_row(s["arch"], s["dataset"], s["attack"], str(s["epochs"]), f"{100 * r['acc']:.2f}",
+                      f"{100 * r['asr']:.2f}", f"{100 * r['ra']:.2f}", str(r["train_seconds"]))
+    console.print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
