@@ -132,7 +132,7 @@ def repair(
     from .models import ModelManifest, load_model, save_model
 
     loaded = load_model(model_path, ModelManifest.load(manifest) if manifest else None)
-    clean = read_clean_data(data, num_classes=loaded.manifest.num_classes)
+    clean = read_clean_data(data, num_classes=loaded.manifest.num_classes, expected_shape=loaded.manifest.input_shape)
     opts = {"seed": seed, "device": device, **json.loads(options)}
     config = make_config(method, opts)
     test, trig, tgt = _load_eval_sets(eval_attack, target, test_data, triggered, loaded.manifest.input_shape)
