@@ -1,0 +1,124 @@
+"""ONP on real backdoored subjects, plus the guarantees the service relies on."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from onp_core.attacks.base import Attack
+from onp_core.data import ImageSet, balanced_subset, load_dataset
+from onp_core.defenses import RepairCancelled, run_repair
+from onp_core.metrics import evaluate
+from onp_core.models import ImageClassifier, ModelManifest, load_model, save_model
+
+DEFENSES_DIR = Path(__file__).resolve().parents[1] / "onp_core" / "defenses"
+
+
+def _repair_and_measure(subject, clean: ImageSet, **options):
+    test, triggered = subject.test_sets()
+    before = evaluate(subject.model, test, triggered, subject.attack.target)
+    result = run_repair(subject.model, clean, "onp", options)
+    after = evaluate(result.model, test, triggered, subject.attack.target)
+    return before, after, result
+
+
+@pytest.mark.slow
+def test_onp_removes_badnets_on_cifar10(cifar_badnets_subject, cifar_clean_500) -> None:
+    before, after, result = _repair_and_measure(cifar_badnets_subject, cifar_clean_500)
+    assert before.asr > 0.9, "the subject must carry a working backdoor"
+    assert after.asr < 0.10, f"ASR after ONP {after.asr:.3f}"
+    assert after.acc >= before.acc - 0.03, f"ACC {before.acc:.3f} -> {after.acc:.3f}"
+    assert result.num_pruned > 0
+
+
+@pytest.mark.slow
+def test_onp_removes_badnets_on_fashion_mnist(fmnist_badnets_subject, fmnist_clean_500) -> None:
+    before, after, result = _repair_and_measure(fmnist_badnets_subject, fmnist_clean_500)
+    assert before.asr > 0.9
+    assert after.asr < 0.10, f"ASR after ONP {after.asr:.3f}"
+    assert after.acc >= before.acc - 0.03, f"ACC {before.acc:.3f} -> {after.acc:.3f}"
+
+
+def test_defense_code_never_imports_attacks_or_subjects() -> None:
+    """Static guarantee: no defense module can reach poisoning or trigger code."""
+    for path in DEFENSES_DIR.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "")] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                assert "attacks" not in name and "subjects" not in name, f"{path} imports {name}"
+
+
+def test_onp_run_touches_no_attack_code(monkeypatch, cifar_badnets_subject, cifar_clean_500) -> None:
+    """Dynamic guarantee: every attack entry point explodes if called during a repair."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a defense used attack code")
+
+    for name in ("apply", "apply_uint8", "poison_training_set", "triggered_test_set", "poison_indices"):
+        monkeypatch.setattr(Attack, name, boom)
+    for cls in Attack.__subclasses__():
+        monkeypatch.setattr(cls, "apply", boom)
+    clean = cifar_clean_500
+    assert "poisoned" not in clean.meta
+    run_repair(cifar_badnets_subject.model, clean, "onp", {"iterations": 2, "episodes": 2, "anp_steps": 2})
+
+
+def test_onp_is_reproducible_and_reports_progress(cifar_badnets_subject, cifar_clean_500) -> None:
+    opts = {"iterations": 3, "episodes": 4, "anp_steps": 5, "seed": 7}
+    phases: list[str] = []
+    a = run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", opts,
+                   progress=lambda s, t, info: phases.append(info["phase"]))
+    b = run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", opts)
+    assert a.pruned == b.pruned
+    assert [t["reward_mean"] for t in a.trace] == [t["reward_mean"] for t in b.trace]
+    assert {"features", "search", "select", "done"} <= set(phases)
+
+
+def test_onp_cancellation_stops_the_search(cifar_badnets_subject, cifar_clean_500) -> None:
+    def cancel_on_search(step: int, total: int, info: dict) -> None:
+        if info["phase"] == "search" and step >= 1:
+            raise RepairCancelled()
+
+    with pytest.raises(RepairCancelled):
+        run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", {"anp_steps": 2}, progress=cancel_on_search)
+
+
+def test_onp_leaves_the_input_model_untouched(cifar_badnets_subject, cifar_clean_500) -> None:
+    before = {k: v.clone() for k, v in cifar_badnets_subject.model.state_dict().items()}
+    run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", {"iterations": 1, "episodes": 2, "anp_steps": 2})
+    after = cifar_badnets_subject.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class _TinyResidual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.b1 = torch.nn.BatchNorm2d(16)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.b2 = torch.nn.BatchNorm2d(16)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        h = torch.relu(h + self.b2(self.c2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_onp_repairs_an_unknown_pt2_program_and_saves_it_back(tmp_path) -> None:
+    net = _TinyResidual().eval()
+    manifest = ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32))
+    save_model(ImageClassifier(net, manifest), tmp_path / "up.pt2", "pt2")
+    loaded = load_model(tmp_path / "up.pt2")
+    clean = balanced_subset(load_dataset("cifar10", "test"), 100, seed=0)
+    result = run_repair(loaded.model, clean, "onp", {"iterations": 2, "episodes": 2, "anp_steps": 2})
+    save_model(result.model, tmp_path / "out.pt2", "pt2")
+    again = load_model(tmp_path / "out.pt2")
+    x = clean.float()[:8]
+    assert torch.allclose(again.model(x), result.model(x), atol=1e-5)
