@@ -8,8 +8,10 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from store.keys import authenticate
+from store.keys import authenticate, hash_key
 from worker.context import ServiceContext
+
+from .ratelimit import RateLimiter
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key, as an alternative header")
@@ -39,8 +41,24 @@ def get_caller(
     if not key:
         raise HTTPException(401, "missing API key (Authorization: Bearer <key> or X-API-Key)",
                             headers={"WWW-Authenticate": "Bearer"})
+    limiter: RateLimiter | None = getattr(request.app.state, "ratelimiter", None)
+    client = request.client.host if request.client else "unknown"
+    if limiter is not None:
+        verdict = limiter.auth_blocked(client)
+        if not verdict.allowed:
+            raise HTTPException(429, f"too many failed authentication attempts from {client}; "
+                                     f"retry in {verdict.retry_after} s",
+                                headers={"Retry-After": str(verdict.retry_after)})
     with get_ctx(request).db.session() as s:
         user = authenticate(s, key)
         if user is None:
+            if limiter is not None:
+                limiter.auth_failed(client)
             raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-        return Caller(user.id, user.name)
+        caller = Caller(user.id, user.name)
+    if limiter is not None:
+        verdict = limiter.key_request(hash_key(key)[:32])
+        if not verdict.allowed:
+            raise HTTPException(429, f"rate limit of this API key exceeded; retry in {verdict.retry_after} s",
+                                headers={"Retry-After": str(verdict.retry_after)})
+    return caller

@@ -124,6 +124,8 @@ async def parse_form(request: Request, limits: dict[str, int], tmpdir: Path, max
         raise HTTPException(413, str(exc)) from None
     except _BadForm as exc:
         raise HTTPException(422, str(exc)) from None
+    except OSError:  # the spool folder is full or failing: the server's fault (507/503), not a malformed body
+        raise
     except Exception as exc:  # python-multipart's own errors: a malformed body
         raise HTTPException(400, f"malformed multipart body: {exc}") from None
     finally:

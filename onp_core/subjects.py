@@ -20,6 +20,7 @@ from .metrics import evaluate
 from .models import ImageClassifier, ModelManifest, build_model, load_model, save_model
 from .train import TrainConfig, train_model
 
+SUBJECT_FORMAT = 2  # bump when training changes, so cached subjects are retrained
 DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion_mnist": (1, 28, 28)}
 
 
@@ -37,7 +38,7 @@ class SubjectSpec:
 
     def key(self) -> str:
         atk = self.attack or "clean"
-        return f"{self.arch}-{self.dataset}-{atk}-t{self.target}-p{self.poison_rate:g}-e{self.epochs}-s{self.seed}"
+        return f"v{SUBJECT_FORMAT}-{self.arch}-{self.dataset}-{atk}-t{self.target}-p{self.poison_rate:g}-e{self.epochs}-s{self.seed}"
 
 
 @dataclass
@@ -60,7 +61,7 @@ def train_subject(spec: SubjectSpec, out: Path, on_epoch: Callable[[int, int, di
     train = load_dataset(spec.dataset, "train")
     attack = make_attack(spec.attack, target=spec.target, seed=spec.seed) if spec.attack else None
     if attack is not None:
-        train = attack.poison_training_set(train, spec.poison_rate)
+        train = attack.poison_training_set(train, spec.poison_rate, defer_trigger=True)
         if hasattr(attack, "noise_fraction"):
             attack.noise_fraction = spec.poison_rate * getattr(attack, "cross_ratio", 0.0)
     c, h, w = DATASET_SHAPES[spec.dataset]

@@ -67,6 +67,7 @@ def train_model(model: nn.Module, data: ImageSet, config: TrainConfig, attack: A
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
                                                 pct_start=0.25)
     use_bf16 = config.bf16 and (device.type == "cuda" or torch.backends.mkldnn.is_available())
+    deferred = data.meta.get("poisoned") if data.meta.get("deferred_trigger") else None
     for epoch in range(config.epochs):
         model.train()
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
@@ -77,7 +78,12 @@ def train_model(model: nn.Module, data: ImageSet, config: TrainConfig, attack: A
             y = data.labels[idx]
             if attack is not None:
                 x, y = attack.training_noise(x, y)
-            x = augment(x, config.crop_padding, config.hflip, g).to(device)
+            x = augment(x, config.crop_padding, config.hflip, g)
+            if attack is not None and deferred is not None:
+                rows = deferred[idx]
+                if bool(rows.any()):
+                    x[rows] = attack.apply(x[rows])
+            x = x.to(device)
             y = y.to(device)
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

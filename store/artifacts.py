@@ -114,6 +114,20 @@ class LocalArtifactStore:
     def delete(self, sha256: str) -> None:
         self._blob(sha256).unlink(missing_ok=True)
 
+    def sweep_tmp(self, older_than: float = 3600.0) -> int:
+        """Delete temp files a killed writer left in ``.tmp`` (never served: only renamed blobs are)."""
+        import time
+
+        cutoff, removed = time.time() - older_than, 0
+        for entry in self._tmp.iterdir():
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
     def verify(self, sha256: str) -> None:
         """Raise :class:`ArtifactCorrupt` when the blob's content no longer matches its name."""
         actual, _ = sha256_file(self._blob(sha256))

@@ -2,7 +2,10 @@
 
 SQLite (embedded mode) is shared by the API's threads and the in-process worker, so
 it gets WAL, a busy timeout and ``check_same_thread=False``; Postgres gets a
-pre-pinged pool so a restarted database does not surface as a 500.
+pre-pinged pool so a restarted database does not surface as a 500, plus a connect
+timeout, a server-side statement timeout and a pool timeout so that an unreachable
+or overloaded database makes a request fail in bounded time (the API answers 503)
+instead of hanging.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ def _ensure_sqlite_dir(url: str) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, connect_timeout: float = 5.0, statement_timeout: float = 30.0,
+                pool_timeout: float = 10.0) -> Engine:
     _ensure_sqlite_dir(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -42,16 +46,22 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        connect_args["connect_timeout"] = max(1, int(round(connect_timeout)))  # libpq: whole seconds
+        if statement_timeout > 0:
+            connect_args["options"] = f"-c statement_timeout={int(statement_timeout * 1000)}"
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=pool_timeout,
+                         connect_args=connect_args)
 
 
 class Database:
     """An engine + session factory; re-created after ``fork`` (Celery prefork children)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **engine_options: Any) -> None:
         self.url = url
         self._pid = os.getpid()
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, **engine_options)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def _check_fork(self) -> None:
@@ -105,4 +115,5 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 
 def database_for(settings: Settings) -> Database:
-    return Database(settings.resolved_database_url)
+    return Database(settings.resolved_database_url, connect_timeout=settings.db_connect_timeout,
+                    statement_timeout=settings.db_statement_timeout, pool_timeout=settings.db_pool_timeout)

@@ -114,6 +114,20 @@ def never_enqueued(s: Session, created_before: datetime, limit: int = 100) -> li
     return [(r[0], r[1]) for r in rows]
 
 
+def published_but_queued(s: Session, enqueued_before: datetime | None, limit: int = 500
+                         ) -> list[tuple[uuid.UUID, str]]:
+    """Queued jobs whose task *was* sent (before ``enqueued_before``; None: any time) but never claimed.
+
+    Their message may be gone (a broker restarted without persistence, flushed, or evicted keys): the
+    reconciler sends them again. A duplicate delivery is harmless: only one claim can win.
+    """
+    where = [Job.status == "queued", Job.enqueued_at.is_not(None)]
+    if enqueued_before is not None:
+        where.append(Job.enqueued_at < enqueued_before)
+    rows = s.execute(select(Job.id, Job.queue).where(*where).order_by(Job.created_at).limit(limit)).all()
+    return [(r[0], r[1]) for r in rows]
+
+
 def reap(s: Session, stale_before: datetime, max_attempts: int, time_limit: timedelta) -> list[tuple[uuid.UUID, str]]:
     """Running jobs whose worker stopped beating: requeue (attempts left) or fail; fail jobs past the time limit."""
     now = utcnow()

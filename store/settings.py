@@ -40,6 +40,21 @@ class Settings(BaseSettings):
     maintenance_seconds: float = Field(10.0, gt=0, description="period of the reaper/reconciler in each worker")
     progress_write_seconds: float = Field(0.5, ge=0, description="minimum gap between progress writes to the DB")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in workers (None: torch default)")
+    requeue_queued_after_seconds: float = Field(
+        1800.0, gt=0, description="age of a published but still queued job before the reconciler sends it again "
+                                  "(its message may have been lost; duplicates are harmless: the claim is atomic)")
+
+    db_connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for a database connection")
+    db_statement_timeout: float = Field(30.0, ge=0, description="server-side limit per SQL statement (0: none)")
+    db_pool_timeout: float = Field(10.0, gt=0, description="seconds to wait for a free pooled connection")
+    broker_connect_timeout: float = Field(3.0, gt=0, description="seconds to wait for a broker connection")
+    broker_socket_timeout: float = Field(10.0, gt=0, description="seconds a broker read/write may block")
+
+    auth_failures_burst: int = Field(20, ge=0, description="failed authentications per client IP before 429 "
+                                                           "(token bucket; 0 disables)")
+    auth_failures_per_minute: float = Field(6.0, gt=0, description="refill rate of the failed-auth bucket")
+    key_requests_burst: int = Field(300, ge=0, description="requests per API key before 429 (0 disables)")
+    key_requests_per_second: float = Field(50.0, gt=0, description="refill rate of the per-key bucket")
 
     auto_migrate: bool | None = Field(None, description="run migrations at start-up; default only for SQLite")
     embedded_worker: bool | None = Field(None, description="run a worker thread in the API; default for memory://")

@@ -39,6 +39,11 @@ def make_celery(settings: Settings) -> Celery:
     else:
         # A message unacked this long is handed to another worker; it must outlive the longest job.
         transport["visibility_timeout"] = settings.job_time_limit + 600
+        # Bounded waits: a down or half-open broker makes a publish fail fast (the job stays for the
+        # reconciler) instead of hanging an API request; consumers reconnect on their own.
+        transport["socket_connect_timeout"] = settings.broker_connect_timeout
+        transport["socket_timeout"] = settings.broker_socket_timeout
+        transport["socket_keepalive"] = True
         if settings.broker_key_prefix:
             transport["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(
@@ -53,6 +58,8 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue="cpu",
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_connect_timeout,
+        broker_connection_max_retries=None,  # a worker outlives any broker outage and reconnects
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         worker_hijack_root_logger=False,
         worker_max_tasks_per_child=100,  # bounds slow leaks from long-lived torch processes

@@ -7,6 +7,7 @@ repair by raising :class:`RepairCancelled` without a database round trip per ste
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import tempfile
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 
 # Share of overall progress before and after the defense itself runs.
 P_LOADED, P_EVALUATED, P_REPAIRED, P_SAVED = 0.03, 0.08, 0.9, 0.97
+
+
+def _db_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached (restart, network): not the job's fault, so never a failed job."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 class LostOwnership(Exception):
@@ -92,13 +103,21 @@ class Tracker:
         changed = phase != self.phase_name
         if not (force or changed or now - self._last_write >= self.ctx.settings.progress_write_seconds):
             return
-        with self.ctx.db.session() as s:
-            if not jobs.set_progress(s, self.job_id, self.token, progress, phase, **values):
-                self.beat.lost = True
-                raise LostOwnership()
-            if changed or message or now - self._last_event >= 5.0:
-                jobs.add_event(s, self.job_id, phase, message or (f"{phase}" if changed else ""), data)
-                self._last_event = now
+        try:
+            with self.ctx.db.session() as s:
+                if not jobs.set_progress(s, self.job_id, self.token, progress, phase, **values):
+                    self.beat.lost = True
+                    raise LostOwnership()
+                if changed or message or now - self._last_event >= 5.0:
+                    jobs.add_event(s, self.job_id, phase, message or (f"{phase}" if changed else ""), data)
+                    self._last_event = now
+        except Exception as exc:
+            if not _db_unavailable(exc):
+                raise
+            # Progress is advisory: keep repairing through a database blip. If the outage outlasts
+            # stale_after_seconds the reaper requeues the job and this worker's final write is refused.
+            log.warning("job %s: progress not written (database unavailable: %s)", self.job_id, exc)
+            return
         self._last_write, self.phase_name = now, phase
 
     def callback(self, step: int, total: int, info: dict[str, Any]) -> None:
@@ -130,9 +149,13 @@ def _metrics_dict(m: Any) -> dict[str, float | None]:
 def execute_job(ctx: ServiceContext, job_id: uuid.UUID, token: str) -> str:
     """Claim and run ``job_id``; returns the outcome ('succeeded', 'failed', 'cancelled', or why it did not run)."""
     settings = ctx.settings
-    with ctx.db.session() as s:
-        stale_before = utcnow() - timedelta(seconds=settings.stale_after_seconds)
-        c = jobs.claim(s, job_id, token, settings.max_attempts, stale_before)
+
+    def claim() -> jobs.Claim:
+        with ctx.db.session() as s:
+            stale_before = utcnow() - timedelta(seconds=settings.stale_after_seconds)
+            return jobs.claim(s, job_id, token, settings.max_attempts, stale_before)
+
+    c = _with_db_retry(claim, f"job {job_id}: claim")
     if not c.claimed:
         log.info("job %s not run: %s", job_id, c.reason)
         return c.reason
@@ -149,6 +172,9 @@ def execute_job(ctx: ServiceContext, job_id: uuid.UUID, token: str) -> str:
         log.warning("job %s: lost ownership (reaped or finished elsewhere); abandoning", job_id)
         return "lost"
     except Exception as exc:
+        if _db_unavailable(exc):  # not the job's fault: leave it running; the reaper requeues it
+            log.warning("job %s: database unavailable (%s); leaving it to the reaper", job_id, exc)
+            return "db-unavailable"
         from celery.exceptions import SoftTimeLimitExceeded
         from onp_core.defenses import RepairCancelled
 
@@ -156,14 +182,46 @@ def execute_job(ctx: ServiceContext, job_id: uuid.UUID, token: str) -> str:
             outcome, error = "cancelled", "cancelled by request"
         elif isinstance(exc, (SoftTimeLimitExceeded, JobTimeout)):
             error = f"time limit of {settings.job_time_limit} s exceeded"
+        elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("job %s failed: out of disk space: %s", job_id, exc)
+            error = (f"out of storage space while {tracker.phase_name or 'starting'}: {exc.strerror} "
+                     f"({exc.filename or 'artifact store'}); nothing was saved")
         else:
             log.exception("job %s failed", job_id)
             error = f"{type(exc).__name__}: {exc}"
     finally:
         beat.stop()
-    with ctx.db.session() as s:
-        jobs.finish(s, job_id, token, outcome, error=error, **values)
+    _finish_with_retry(ctx, job_id, token, outcome, error, values)
     return outcome
+
+
+def _finish_with_retry(ctx: ServiceContext, job_id: uuid.UUID, token: str, outcome: str, error: str | None,
+                       values: dict[str, Any], budget: float = 30.0) -> None:
+    """Record the outcome, riding out a short database outage (a finished repair is worth keeping).
+
+    Past the budget the exception propagates and the job stays ``running`` for the reaper, which
+    requeues it; this worker's token is then stale, so a late write can never overwrite the rerun.
+    """
+    def finish() -> None:
+        with ctx.db.session() as s:
+            jobs.finish(s, job_id, token, outcome, error=error, **values)
+
+    _with_db_retry(finish, f"job {job_id}: record {outcome}", budget)
+
+
+def _with_db_retry(fn: Any, what: str, budget: float = 30.0) -> Any:
+    """``fn()``, retried with backoff while the database is unreachable, for at most ``budget`` seconds."""
+    deadline = time.monotonic() + budget
+    delay = 0.25
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not _db_unavailable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying in %.2g s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 4.0)
 
 
 def _run(ctx: ServiceContext, inputs: Inputs, tmp: Path, tracker: Tracker) -> dict[str, Any]:

@@ -56,15 +56,23 @@ class Attack(ABC):
         k = min(len(pool), int(round(rate * len(data))))
         return pool[torch.randperm(len(pool), generator=g)[:k]]
 
-    def poison_training_set(self, data: ImageSet, rate: float) -> ImageSet:
+    def poison_training_set(self, data: ImageSet, rate: float, defer_trigger: bool = False) -> ImageSet:
+        """Relabel (dirty-label) and trigger ``rate`` of the set; ``meta['poisoned']`` marks them.
+
+        With ``defer_trigger`` the images stay clean and the trainer stamps the trigger
+        *after* data augmentation (``meta['deferred_trigger']``), so random crops and
+        flips do not move or mirror it — the attacker controls the poisoned samples
+        and would present the trigger as it appears at test time.
+        """
         idx = self.poison_indices(data, rate)
         images, labels = data.images.clone(), data.labels.clone()
-        images[idx] = self.apply_uint8(images[idx])
+        if not defer_trigger:
+            images[idx] = self.apply_uint8(images[idx])
         if not self.clean_label:
             labels[idx] = self.target
         poisoned = torch.zeros(len(data), dtype=torch.bool)
         poisoned[idx] = True
-        meta = dict(data.meta, poisoned=poisoned, attack=self.spec(), poison_rate=rate)
+        meta = dict(data.meta, poisoned=poisoned, attack=self.spec(), poison_rate=rate, deferred_trigger=defer_trigger)
         return ImageSet(images, labels, data.class_names, meta)
 
     def triggered_test_set(self, data: ImageSet) -> ImageSet:

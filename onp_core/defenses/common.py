@@ -212,6 +212,117 @@ _ELEMENTWISE_AFTER = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_
                       "add", "add_", "dropout", "clone", "alias", "detach", "_to_copy", "to", "contiguous"}
 
 
+def _activation_node(gm: fx.GraphModule, neurons: NeuronMap, li: int) -> tuple[fx.Node, bool]:
+    """The node where neuron layer ``li``'s activation is read, and whether zeroing the layer's
+    parameters zeroes exactly that node's channel (no residual add on the way)."""
+    layer = neurons.layers[li]
+    start = None
+    for node in gm.graph.nodes:
+        op = _op_name(node)
+        if ("batch_norm" in op or "conv" in op) and len(node.args) > 1 and _node_param(node.args[1]) == layer.params[0]:
+            start = node
+            break
+    if start is None:
+        raise ValueError(f"neuron layer {layer.name} not found in the traced graph")
+    target, exact = start, True
+    users = list(target.users)
+    if len(users) == 1 and _op_name(users[0]) == "getitem":  # batch-norm variants returning a tuple
+        target = users[0]
+    while True:
+        users = list(target.users)
+        if len(users) != 1 or _op_name(users[0]) not in _ELEMENTWISE_AFTER:
+            break
+        target = users[0]
+        if _op_name(target) in ("add", "add_"):
+            exact = False
+    return target, exact
+
+
+def _per_channel_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().transpose(0, 1).reshape(t.shape[1], -1).double().mean(1).cpu() * t.shape[0]
+
+
+class LayerProbe:
+    """Fast what-if evaluation of channel pruning in one neuron layer (Fine-Pruning's inner loop).
+
+    One pass over ``data`` records the layer's activation (as the next layer reads it, see
+    :func:`_activation_node`) and whatever the rest of the graph needs; :meth:`accuracy` then
+    re-runs only the graph's tail with chosen channels of that activation zeroed. Where that is
+    not exactly the same as zeroing the layer's parameters (a residual add between the layer and
+    the point read), it runs the whole pruned model instead.
+    """
+
+    def __init__(self, model: nn.Module, neurons: NeuronMap, li: int, data: Tensors, input_shape: Sequence[int],
+                 batch_size: int = 500):
+        self.model, self.neurons, self.li, self.data, self.batch_size = model, neurons, li, data, batch_size
+        gm = trace_graph(model, tuple(input_shape))  # type: ignore[arg-type]
+        self.gm = gm
+        self.target, self.exact = _activation_node(gm, neurons, li)
+        nodes = list(gm.graph.nodes)
+        pos = nodes.index(self.target)
+        before, tail = nodes[:pos + 1], nodes[pos + 1:]
+        needed = {a for n in tail for a in n.all_input_nodes if nodes.index(a) <= pos}
+        needed.add(self.target)
+        self.filler = {n: None for n in before if n not in needed}
+        self.saved: list[dict[fx.Node, Any]] = []
+        sums = torch.zeros(neurons.layers[li].size, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(0, len(data), batch_size):
+                env: dict[fx.Node, Any] = {}
+
+                class _Keep(fx.Interpreter):
+                    def run_node(self, n: fx.Node) -> Any:
+                        r = super().run_node(n)
+                        if n in needed:
+                            env[n] = r
+                        return r
+
+                _Keep(gm).run(data.x[i:i + batch_size])
+                t = env[self.target]
+                sums += _per_channel_sum(t[0] if isinstance(t, (tuple, list)) else t)
+                self.saved.append(env)
+        self.mean = (sums / max(1, len(data))).float()
+
+    def _masks(self, channels: Sequence[int]) -> dict[int, torch.Tensor]:
+        group = self.neurons.layers[self.li].group
+        members = self.neurons.groups.get(group, [self.li]) if group >= 0 else [self.li]
+        masks = {}
+        for m in members:
+            mask = torch.ones(self.neurons.layers[m].size)
+            mask[list(channels)] = 0
+            masks[m] = mask
+        return masks
+
+    @torch.no_grad()
+    def logits(self, channels: Sequence[int]) -> torch.Tensor:
+        """Model outputs on ``data`` with ``channels`` of the layer pruned (nothing is modified)."""
+        if not self.exact:
+            from ..neurons import masked
+
+            with masked(self.model, self.neurons, self._masks(channels)):
+                was = self.model.training
+                set_training(self.model, False)
+                out = torch.cat([self.model(self.data.x[i:i + self.batch_size])
+                                 for i in range(0, len(self.data), self.batch_size)])
+                set_training(self.model, was)
+                return out
+        outs = []
+        for env in self.saved:
+            t = env[self.target]
+            keep = torch.ones(t.shape[1], device=t.device, dtype=t.dtype)
+            keep[list(channels)] = 0
+            start = dict(self.filler)
+            start.update(env)
+            start[self.target] = t * keep.view(1, -1, *([1] * (t.ndim - 2)))
+            out = fx.Interpreter(self.gm).run(self.data.x[:1], initial_env=start)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return torch.cat(outs)
+
+    def accuracy(self, channels: Sequence[int]) -> float:
+        """Accuracy on ``data`` with ``channels`` of the layer pruned."""
+        return float((self.logits(channels).argmax(1) == self.data.y).float().mean())
+
+
 @torch.no_grad()
 def mean_activation(model: nn.Module, neurons: NeuronMap, li: int, data: Tensors, input_shape: Sequence[int],
                     batch_size: int = 500) -> torch.Tensor:
@@ -222,35 +333,15 @@ def mean_activation(model: nn.Module, neurons: NeuronMap, li: int, data: Tensors
     activation as the next layer sees it (Fine-Pruning's "activation of the last conv layer").
     """
     gm = trace_graph(model, tuple(input_shape))  # type: ignore[arg-type]
-    layer = neurons.layers[li]
-    start = None
-    for node in gm.graph.nodes:
-        op = _op_name(node)
-        if ("batch_norm" in op or "conv" in op) and len(node.args) > 1 and _node_param(node.args[1]) == layer.params[0]:
-            start = node
-            break
-    if start is None:
-        raise ValueError(f"neuron layer {layer.name} not found in the traced graph")
-    target = start
-    # batch-norm ops may return a tuple whose [0] is taken by getitem
-    users = list(target.users)
-    if len(users) == 1 and _op_name(users[0]) == "getitem":
-        target = users[0]
-    while True:
-        users = list(target.users)
-        if len(users) != 1 or _op_name(users[0]) not in _ELEMENTWISE_AFTER:
-            break
-        target = users[0]
-
-    sums = torch.zeros(layer.size, dtype=torch.float64)
+    target, _ = _activation_node(gm, neurons, li)
+    sums = torch.zeros(neurons.layers[li].size, dtype=torch.float64)
     captured: list[torch.Tensor] = []
 
     class _Capture(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             result = super().run_node(n)
             if n is target:
-                t = result[0] if isinstance(result, (tuple, list)) else result
-                captured.append(t.detach().transpose(0, 1).reshape(t.shape[1], -1).double().mean(1).cpu() * t.shape[0])
+                captured.append(_per_channel_sum(result[0] if isinstance(result, (tuple, list)) else result))
             return result
 
     interp = _Capture(gm)

@@ -33,7 +33,7 @@ from ..device import resolve_device
 from ..models import ImageClassifier
 from ..neurons import discover_neurons, prune
 from .base import DefenseConfig, ProgressCallback, RepairResult, Timer, clean_splits, report, working_copy
-from .common import Sampler, Tensors, accuracy_of, by_name, crop_padding, mean_activation, set_training
+from .common import LayerProbe, Sampler, Tensors, accuracy_of, by_name, crop_padding, mean_activation, set_training
 
 NAME = "fp"
 
@@ -62,11 +62,13 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
     torch.manual_seed(config.seed)
     search, held = clean_splits(clean, config)
     input_shape = model.manifest.input_shape
-    net = working_copy(model)
+    # activations and the pruning what-ifs run on the traced graph, on the CPU (a traced graph
+    # keeps the buffers it was traced with); the fine-tuning runs on ``device``
+    net = working_copy(model).cpu()
     neurons = discover_neurons(net, input_shape)
-    net.to(device)
-    search_t, held_t = Tensors.of(search, device), Tensors.of(held, device)
-    all_t = Tensors(torch.cat([search_t.x, held_t.x]), torch.cat([search_t.y, held_t.y]))
+    cpu = torch.device("cpu")
+    search_c, held_c = Tensors.of(search, cpu), Tensors.of(held, cpu)
+    all_c = Tensors(torch.cat([search_c.x, held_c.x]), torch.cat([search_c.y, held_c.y]))
     trace: list[dict[str, Any]] = []
 
     # 1. mean activations of the last layer on clean data
@@ -74,12 +76,13 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
     layer = neurons.layers[last]
     group = neurons.groups.get(layer.group, [last]) if layer.group >= 0 else [last]
     report(progress, 0, 1, "activations", layer=layer.name)
-    act = mean_activation(net, neurons, last, search_t, input_shape)
+    act = mean_activation(net, neurons, last, search_c, input_shape)
     order = torch.argsort(act, stable=True).tolist()
 
     # 2. prune by increasing activation while the clean accuracy holds
-    acc_before = accuracy_of(net, held_t)
-    base = accuracy_of(net, all_t)
+    acc_before = accuracy_of(net, held_c)
+    probe = LayerProbe(net, neurons, last, all_c, input_shape)
+    base = probe.accuracy([])
     step = config.prune_step or max(1, layer.size // 128)
     limit = int(config.max_fraction * layer.size)
     kept_k, k = 0, 0
@@ -87,20 +90,20 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
     trace.append({"phase": "prune", "num_pruned": 0, "acc": base})
     while k < limit:
         k_next = min(limit, k + step)
-        new = order[k:k_next]
-        prune(net, neurons, {li: new for li in group})
-        acc = accuracy_of(net, all_t)
-        trace.append({"phase": "prune", "num_pruned": k_next, "acc": acc, "activation": float(act[new[-1]])})
+        acc = probe.accuracy(order[:k_next])
+        trace.append({"phase": "prune", "num_pruned": k_next, "acc": acc, "activation": float(act[order[k_next - 1]])})
         report(progress, (k_next + step - 1) // step, total_steps, "prune", num_pruned=k_next, acc=acc)
         if acc < base - config.max_acc_drop:
             break
         kept_k = k = k_next
+    del probe
     channels = sorted(order[:kept_k])
     pruned = {li: channels for li in group} if channels else {}
 
     # restart from the original weights with only the accepted channels pruned
     net = working_copy(model).to(device)
     prune(net, neurons, pruned)
+    search_t, held_t = Tensors.of(search, device), Tensors.of(held, device)
     acc_pruned = accuracy_of(net, held_t)
 
     # 3. fine-tune, keeping the pruned channels at zero

@@ -1,0 +1,1 @@
+"""Browser tests (a package for the same reason as tests/client)."""
