@@ -34,7 +34,7 @@ def private_redis(tmp_path: Path):
     r.kill()
 
 
-def test_redis_restart_with_queued_and_running_jobs(db_url, private_redis, start_worker, inputs, tmp_path):
+def test_redis_restart_with_queued_and_running_jobs(db_url, private_redis, spawn_worker, inputs, tmp_path):
     """Kill Redis (no persistence) while one job runs and three wait in its queue, restart it empty:
     the running job still finishes, the reconciler notices the broker lost its data (sentinel key gone)
     and re-sends the queued jobs; a job submitted while Redis is down is accepted (outbox) and runs later."""
@@ -43,7 +43,7 @@ def test_redis_restart_with_queued_and_running_jobs(db_url, private_redis, start
     key = make_key(settings, "alice")
     server = Server(__import__("api.app", fromlist=["create_app"]).create_app(settings))
     try:
-        start_worker(settings)
+        spawn_worker(settings)
         with client(server.url, key) as c:
             running = submit(c, inputs.model, inputs.clean, SLOW_LONG).json()
             wait_for(c, running["id"], lambda j: j["status"] == "running" and j["phase"] == "waiting", 60)

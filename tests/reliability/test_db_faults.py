@@ -30,7 +30,7 @@ def private_pg():
     pg.destroy()
 
 
-def test_postgres_restart_while_serving(private_pg, redis_ok, start_worker, inputs, tmp_path):
+def test_postgres_restart_while_serving(private_pg, redis_ok, spawn_worker, inputs, tmp_path):
     settings = make_settings(private_pg.url, tmp_path, f"onprel-{secrets.token_hex(3)}:",
                              artifact_dir=tmp_path / "artifacts", db_connect_timeout=2, db_pool_timeout=3,
                              stale_after_seconds=6)
@@ -43,7 +43,7 @@ def test_postgres_restart_while_serving(private_pg, redis_ok, start_worker, inpu
     bad: list[str] = []
     slowest = [0.0]
     try:
-        start_worker(settings)
+        spawn_worker(settings)
         with client(server.url, key) as c:
             job = submit(c, inputs.model, inputs.clean, SLOW).json()
             wait_for(c, job["id"], lambda j: j["status"] == "running" and j["phase"] == "waiting", 60)

@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from onp_service_fixtures import Server, make_settings, submit, wait_for
-from relutil import client, fill, make_key, tmpfs, umount
+from onp_service_fixtures import PG_ADMIN, Server, make_settings, submit, wait_for
+from relutil import client, create_database, fill, make_key, tmpfs, umount
+
+
+@pytest.fixture(scope="module")
+def db_url(redis_ok):
+    """Own database: these tests use their own artifact folders, and every worker sharing a database must
+    share its artifact store (other tests' workers would otherwise pick these jobs up, or the reverse)."""
+    url, drop = create_database(PG_ADMIN)
+    yield url
+    drop()
 
 
 @pytest.fixture()
@@ -49,9 +58,9 @@ def _blobs(root: Path) -> list[Path]:
     return [p for p in root.glob("??/*") if p.is_file()]
 
 
-def test_upload_to_a_full_artifact_store_is_507(settings, inputs, small_disk, tmp_path) -> None:
+def test_upload_to_a_full_artifact_store_is_507(db_url, inputs, small_disk, tmp_path) -> None:
     disk = small_disk("artifacts", "4m")
-    own = make_settings(settings.database_url, tmp_path, f"onprel-{secrets.token_hex(3)}:", artifact_dir=disk)
+    own = make_settings(db_url, tmp_path, f"onprel-{secrets.token_hex(3)}:", artifact_dir=disk)
     key = make_key(own, "alice")
     from api.app import create_app
 
@@ -69,28 +78,36 @@ def test_upload_to_a_full_artifact_store_is_507(settings, inputs, small_disk, tm
         server.stop()
 
 
-def test_upload_spool_folder_full_is_507(server, keys, inputs, small_disk, settings, monkeypatch) -> None:
+def test_upload_spool_folder_full_is_507(db_url, inputs, small_disk, monkeypatch, tmp_path) -> None:
     """The streaming parser's temp folder fills up mid-upload: 507, not 400 'malformed body', not 500."""
-    spool = small_disk("spool", "256k")
-    monkeypatch.setattr(tempfile, "tempdir", str(spool))
-    before = _counts(settings)
-    with client(server.url, keys.alice) as c:
-        r = submit(c, inputs.model, inputs.clean, {"method": "slow", "options": {"steps": 1, "delay": 0}})
-    assert r.status_code == 507, r.text
-    assert "insufficient storage" in r.json()["detail"]
-    assert _counts(settings) == before
-    assert list(spool.iterdir()) == []  # the partial spool files were removed
-
-
-def test_worker_cannot_save_result_fails_with_reason(settings, inputs, small_disk, start_worker, tmp_path) -> None:
-    disk = small_disk("artifacts", "8m")
-    own = make_settings(settings.database_url, tmp_path, f"onprel-{secrets.token_hex(3)}:", artifact_dir=disk)
+    own = make_settings(db_url, tmp_path, f"onprel-{secrets.token_hex(3)}:", artifact_dir=tmp_path / "artifacts")
     key = make_key(own, "alice")
     from api.app import create_app
 
     server = Server(create_app(own))
     try:
-        start_worker(own)
+        spool = small_disk("spool", "256k")
+        monkeypatch.setattr(tempfile, "tempdir", str(spool))
+        before = _counts(own)
+        with client(server.url, key) as c:
+            r = submit(c, inputs.model, inputs.clean, {"method": "slow", "options": {"steps": 1, "delay": 0}})
+        assert r.status_code == 507, r.text
+        assert "insufficient storage" in r.json()["detail"]
+        assert _counts(own) == before
+        assert list(spool.iterdir()) == []  # the partial spool files were removed
+    finally:
+        server.stop()
+
+
+def test_worker_cannot_save_result_fails_with_reason(db_url, inputs, small_disk, spawn_worker, tmp_path) -> None:
+    disk = small_disk("artifacts", "8m")
+    own = make_settings(db_url, tmp_path, f"onprel-{secrets.token_hex(3)}:", artifact_dir=disk)
+    key = make_key(own, "alice")
+    from api.app import create_app
+
+    server = Server(create_app(own))
+    try:
+        spawn_worker(own)
         with client(server.url, key) as c:
             job = submit(c, inputs.model, inputs.clean, {"method": "slow", "options": {"steps": 40, "delay": 0.1}})
             assert job.status_code == 202, job.text

@@ -20,27 +20,37 @@ from pathlib import Path
 
 import httpx
 
-from onp_service_fixtures import REPO, Server, make_settings, submit, wait_for
-from relutil import client, job_row, make_key, wait_until
+import pytest
+
+from onp_service_fixtures import PG_ADMIN, REPO, Server, make_settings, submit, wait_for
+from relutil import client, create_database, job_row, make_key, wait_until
 
 
-def _own_settings(settings, tmp_path: Path, **kw):
-    """Own broker prefix (the session worker cannot take these jobs), same database and artifact folder."""
-    return make_settings(settings.database_url, tmp_path, f"onprel-{secrets.token_hex(3)}:",
-                         artifact_dir=settings.artifact_dir, **kw)
+@pytest.fixture(scope="module")
+def db_url(redis_ok):
+    """Own database, so no other test's worker (whose reconciler sends any queued job) can run these jobs."""
+    url, drop = create_database(PG_ADMIN)
+    yield url
+    drop()
 
 
-def test_worker_killed_on_every_attempt_fails_with_reason(settings, keys, inputs, start_worker, tmp_path) -> None:
-    own = _own_settings(settings, tmp_path, max_attempts=2, stale_after_seconds=2)
+def _own_settings(db_url: str, tmp_path: Path, **kw):
+    return make_settings(db_url, tmp_path, f"onprel-{secrets.token_hex(3)}:", artifact_dir=tmp_path / "artifacts",
+                         **kw)
+
+
+def test_worker_killed_on_every_attempt_fails_with_reason(db_url, inputs, spawn_worker, tmp_path) -> None:
+    own = _own_settings(db_url, tmp_path, max_attempts=2, stale_after_seconds=2)
+    key = make_key(own, f"alice-{secrets.token_hex(3)}")
     from api.app import create_app
 
     server = Server(create_app(own))
     try:
-        with client(server.url, keys.alice) as c:
+        with client(server.url, key) as c:
             job = submit(c, inputs.model, inputs.clean, {"method": "slow", "options": {"steps": 300, "delay": 0.1}})
             job_id = job.json()["id"]
             for attempt in (1, 2):
-                w = start_worker(own)
+                w = spawn_worker(own)
                 wait_for(c, job_id, lambda j, a=attempt: j["status"] == "running" and j["attempts"] == a
                          and j["phase"] == "waiting", 60)
                 w.kill()
@@ -96,10 +106,11 @@ def test_writer_killed_mid_artifact_leaves_nothing_servable(tmp_path: Path) -> N
     assert store.sweep_tmp(older_than=0) == 1 and list((root / ".tmp").iterdir()) == []
 
 
-def test_model_download_is_never_partial_across_a_worker_kill(settings, keys, inputs, start_worker, tmp_path) -> None:
+def test_model_download_is_never_partial_across_a_worker_kill(db_url, inputs, spawn_worker, tmp_path) -> None:
     """Poll /model as fast as possible while a job runs, loses its worker, is requeued and finishes:
     every answer is a 409 or the whole file matching its X-Checksum-SHA256 and Content-Length."""
-    own = _own_settings(settings, tmp_path, stale_after_seconds=2)
+    own = _own_settings(db_url, tmp_path, stale_after_seconds=2)
+    key = make_key(own, f"alice-{secrets.token_hex(3)}")
     from api.app import create_app
 
     server = Server(create_app(own))
@@ -107,12 +118,12 @@ def test_model_download_is_never_partial_across_a_worker_kill(settings, keys, in
     problems: list[str] = []
     stop = threading.Event()
     try:
-        with client(server.url, keys.alice) as c:
+        with client(server.url, key) as c:
             job_id = submit(c, inputs.model, inputs.clean, {"method": "slow", "options": {"steps": 30, "delay": 0.1}}
                             ).json()["id"]
 
             def poll() -> None:
-                with client(server.url, keys.alice) as pc:
+                with client(server.url, key) as pc:
                     while not stop.is_set():
                         r = pc.get(f"/v1/repairs/{job_id}/model")
                         seen[r.status_code] = seen.get(r.status_code, 0) + 1
@@ -127,10 +138,10 @@ def test_model_download_is_never_partial_across_a_worker_kill(settings, keys, in
 
             poller = threading.Thread(target=poll, daemon=True)
             poller.start()
-            first = start_worker(own)
+            first = spawn_worker(own)
             wait_for(c, job_id, lambda j: j["status"] == "running" and j["phase"] == "waiting", 60)
             first.kill()
-            start_worker(own)
+            spawn_worker(own)
             done = wait_for(c, job_id, lambda j: j["status"] in ("succeeded", "failed"), 90)
             time.sleep(0.5)
             stop.set()

@@ -35,7 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 PG_ADMIN = os.environ.get("ONP_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("ONP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 # Same spec as tests/conftest.py's cifar_badnets_subject: used only when already cached (never trained here).
-SUBJECT_SPEC = dict(arch="small_cnn", dataset="cifar10", attack="badnets", epochs=8)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -247,30 +246,22 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> Path:
 
 
 @pytest.fixture(scope="session")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
-    """The cached backdoored subject when the lead's cache has it, else a tiny untrained small_cnn."""
+def inputs(tmp_path_factory: pytest.TempPathFactory, cifar_badnets_subject) -> Inputs:
+    """The session's real backdoored CIFAR-10 subject (trained once per run, see tests/conftest.py)."""
     from onp_core.data import balanced_subset, load_dataset
-    from onp_core.data.cache import cache_dir
-    from onp_core.models import ModelManifest, build_model, save_model
-    from onp_core.subjects import SubjectSpec, load_subject
+    from onp_core.models import save_model
 
     root = tmp_path_factory.mktemp("inputs")
     test = load_dataset("cifar10", "test")
-    half = len(test) // 2  # clean upload from the first half, evaluation from the second: disjoint
-    clean = balanced_subset(test.subset(torch.arange(half)), 200, seed=0)
-    eval_set = balanced_subset(test.subset(torch.arange(half, len(test))), 500, seed=1)
-    spec = SubjectSpec(**SUBJECT_SPEC)
-    cached = cache_dir() / "subjects" / spec.key()
-    triggered = target = None
-    if (cached / "subject.json").exists():
-        subject = load_subject(cached)
-        model = subject.model
-        if subject.attack is not None:
-            trig = subject.attack.triggered_test_set(balanced_subset(test.subset(torch.arange(half)), 200, seed=2))
-            triggered, target = write_npz(root / "triggered.npz", trig.images, trig.labels), spec.target
-    else:
-        torch.manual_seed(0)
-        model = build_model(ModelManifest(arch="small_cnn", num_classes=10, input_shape=(3, 32, 32)))
+    # the test split is stored class by class: even indices for the clean upload,
+    # odd ones for evaluation, so both are disjoint and cover every class
+    upload_half, eval_half = test.subset(torch.arange(0, len(test), 2)), test.subset(torch.arange(1, len(test), 2))
+    clean = balanced_subset(upload_half, 200, seed=0)
+    eval_set = balanced_subset(eval_half, 500, seed=1)
+    subject = cifar_badnets_subject
+    model = subject.model
+    trig = subject.attack.triggered_test_set(balanced_subset(upload_half, 200, seed=2))
+    triggered, target = write_npz(root / "triggered.npz", trig.images, trig.labels), subject.attack.target
     path = save_model(model, root / "st" / "model.safetensors")
     pt = save_model(model, root / "pt" / "model.pt", "pt")
     return Inputs(path, pt, model.manifest.model_dump(mode="json"), write_npz(root / "clean.npz", clean.images,

@@ -22,11 +22,12 @@ from ...neurons import NeuronLayer
 from .context import Batch, ModelContext
 
 FEATURE_NAMES = ("act_mean", "act_std", "act_max", "act_frac", "bn_gamma", "bn_beta", "q_norm",
-                 "anp_mask", "rnp_mask", "clp_bound", "anp_mask_abs", "rnp_mask_abs")
+                 "anp_mask", "rnp_mask", "clp_bound", "trigger_gain", "anp_mask_abs", "rnp_mask_abs",
+                 "trigger_gain_abs")
 # Masks live in [0, 1] in every layer, so their absolute value is comparable across
 # layers; z-scoring alone would make a clean layer's least-stable neuron look as
 # suspicious as a real backdoor neuron.
-_ABSOLUTE = {"anp_mask_abs": "anp_mask", "rnp_mask_abs": "rnp_mask"}
+_ABSOLUTE = {"anp_mask_abs": "anp_mask", "rnp_mask_abs": "rnp_mask", "trigger_gain_abs": "trigger_gain"}
 
 
 @dataclass
@@ -186,11 +187,15 @@ def rnp_masks(unlearned_ctx: ModelContext, batch: Batch, epochs: int = 20, seed:
 
 
 def compute_features(ctx: ModelContext, unlearned_ctx: ModelContext, batch: Batch, seed: int = 0,
-                     anp_steps: int = 300) -> NodeFeatures:
-    """All node features for every neuron layer of ``ctx``."""
+                     anp_steps: int = 300, rnp_epochs: int = 20,
+                     trigger_gain: list[torch.Tensor] | None = None) -> NodeFeatures:
+    """All node features for every neuron layer of ``ctx`` (a signal with 0 steps is left neutral)."""
     acts = activation_stats(ctx, batch)
-    anp = ctx.split_flat(anp_masks(ctx, batch, steps=anp_steps, seed=seed))
-    rnp = ctx.split_flat(rnp_masks(unlearned_ctx, batch, seed=seed))
+    ones = torch.ones(ctx.total)
+    anp = ctx.split_flat(anp_masks(ctx, batch, steps=anp_steps, seed=seed) if anp_steps else ones)
+    rnp = ctx.split_flat(rnp_masks(unlearned_ctx, batch, epochs=rnp_epochs, seed=seed) if rnp_epochs else ones)
+    gains = trigger_gain or [torch.zeros(size) for size in ctx.sizes]
+    top_gain = max(float(g.abs().max()) for g in gains) or 1.0
     raw: dict[str, list[torch.Tensor]] = {n: [] for n in FEATURE_NAMES}
     per_layer = []
     for i, layer in enumerate(ctx.neurons.layers):
@@ -199,11 +204,13 @@ def compute_features(ctx: ModelContext, unlearned_ctx: ModelContext, batch: Batc
             "act_mean": acts[i][:, 0], "act_std": acts[i][:, 1], "act_max": acts[i][:, 2], "act_frac": acts[i][:, 3],
             "bn_gamma": gamma, "bn_beta": beta, "q_norm": connection_strength(ctx, layer).sum(1),
             "anp_mask": anp[i].cpu(), "rnp_mask": rnp[i].cpu(), "clp_bound": clp_bound(ctx, layer),
+            "trigger_gain": gains[i],
         }
         for k, source in _ABSOLUTE.items():
             cols[k] = cols[source]
         for k in FEATURE_NAMES:
             raw[k].append(cols[k].float())
+        cols["trigger_gain_abs"] = gains[i] / top_gain + 0.5  # in [-0.5, 1.5]: comparable across layers
         per_layer.append(torch.stack([(cols[k].float() - 0.5) * 4 if k in _ABSOLUTE else _zscore(cols[k])
                                       for k in FEATURE_NAMES], 1))
     return NodeFeatures(per_layer, raw, FEATURE_NAMES)

@@ -8,7 +8,10 @@ Backdoor scores (trigger-free; each measured on the *pruned* candidate):
 - ``perturb``: class dominance under a one-step adversarial neuron perturbation of
   size ε. A backdoored network collapses to the target class under tiny neuron noise,
   a clean one errs in all directions (the ANP observation, used as a score).
-- ``combined``: the mean of the two.
+- ``synth``: success rate of a trigger synthesised from clean data (see synth.py)
+  on the pruned candidate: pruning the backdoor neurons disables the shortcut the
+  synthesised pattern exploits.
+- ``combined``: the mean of ``unlearn`` and ``perturb``.
 Dominance is the most frequent predicted class's share, rescaled so that a uniform
 spread is 0 and a single class is 1.
 """
@@ -21,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .context import Batch, ModelContext
+from .synth import SynthTrigger, trigger_success
 
-SCORES = ("unlearn", "perturb", "combined")
+SCORES = ("synth", "unlearn", "perturb", "combined")
 
 
 def dominance(pred: torch.Tensor, num_classes: int) -> float:
@@ -75,8 +79,22 @@ class Combined:
         return sum(s(keep) for s in self.scores) / len(self.scores)
 
 
+class SynthesizedTriggerSuccess:
+    name = "synth"
+
+    def __init__(self, ctx: ModelContext, batch: Batch, trigger: SynthTrigger):
+        self.ctx, self.batch, self.trigger = ctx, batch, trigger
+
+    def __call__(self, keep: torch.Tensor) -> float:
+        return trigger_success(self.ctx, self.trigger, self.batch, keep)
+
+
 def make_score(name: str, ctx: ModelContext, unlearned: ModelContext, batch: Batch, num_classes: int,
-               eps: float, seed: int) -> Callable[[torch.Tensor], float]:
+               eps: float, seed: int, trigger: SynthTrigger | None = None) -> Callable[[torch.Tensor], float]:
+    if name == "synth":
+        if trigger is None:
+            raise ValueError("the synth score needs a synthesised trigger")
+        return SynthesizedTriggerSuccess(ctx, batch, trigger)
     if name == "unlearn":
         return UnlearnedDominance(unlearned, batch, num_classes)
     if name == "perturb":

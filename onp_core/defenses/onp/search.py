@@ -25,6 +25,7 @@ from .features import FEATURE_NAMES, compute_features, unlearn
 from .gnn import PolicyValueNet
 from .graph import build_graphs
 from .reward import SCORES, Reward, make_score
+from .synth import activation_gain, strongest_trigger, synthesize
 
 NAME = "onp"
 
@@ -34,7 +35,7 @@ class Config(DefenseConfig):
 
     policy: Literal["rl", "greedy"] = Field("rl", description="RL agent, or the greedy-rule ablation")
     encoder: Literal["gnn", "mlp"] = Field("gnn", description="message passing, or the MLP ablation")
-    score: str = Field("unlearn", description=f"trigger-free backdoor score: one of {SCORES}")
+    score: str = Field("synth", description=f"trigger-free backdoor score: one of {SCORES}")
     features: tuple[str, ...] = Field(FEATURE_NAMES, description="node features to use (ablation)")
     iterations: int = Field(40, ge=1, le=10_000, description="policy updates")
     episodes: int = Field(8, ge=2, le=256, description="episodes per update")
@@ -49,7 +50,11 @@ class Config(DefenseConfig):
     epsilon: float = Field(0.9, ge=0, lt=1, description="edge threshold: quantile of centred cosine similarity")
     delta: float = Field(0.1, ge=0, description="dormant-node threshold: ‖q‖₁ < δ × layer median gets no edges")
     perturb_eps: float = Field(0.3, gt=0, le=1, description="neuron perturbation size for the 'perturb' score")
-    anp_steps: int = Field(300, ge=0, description="iterations of the ANP-mask node feature")
+    anp_steps: int = Field(50, ge=0, description="iterations of the ANP-mask node feature (0: off)")
+    rnp_epochs: int = Field(10, ge=0, description="epochs of the RNP mask-recovery node feature (0: off)")
+    synth_steps: int = Field(150, ge=10, description="optimisation steps of each trigger synthesis")
+    synth_tries: int = Field(2, ge=1, description="candidate target classes to synthesise a trigger for")
+    resynth_steps: int = Field(60, ge=0, description="re-synthesis steps per shortlisted candidate at selection")
     reward_samples: int = Field(512, ge=32, description="clean images per reward evaluation (speed)")
     top_k: int = Field(5, ge=1, description="best search candidates re-scored on the held-out split")
     max_prune_fraction: float = Field(0.1, gt=0, le=1, description="candidates pruning more are discarded")
@@ -63,7 +68,9 @@ def _keep_key(keep: torch.Tensor) -> bytes:
 def _greedy_candidates(features: Any, ctx: ModelContext, reward: Reward, cfg: Config) -> list[tuple[float, torch.Tensor]]:
     """Ablation: rank neurons by the same suspicion signals, sweep the count, keep the best rewards."""
     raw = features.raw
-    suspicion = torch.cat([(1 - a) + (1 - r) for a, r in zip(raw["anp_mask_abs"], raw["rnp_mask_abs"])])
+    top_gain = max(float(g.abs().max()) for g in raw["trigger_gain"]) or 1.0
+    suspicion = torch.cat([(1 - a) + (1 - r) + gain / top_gain
+                           for a, r, gain in zip(raw["anp_mask_abs"], raw["rnp_mask_abs"], raw["trigger_gain"])])
     order = suspicion.argsort(descending=True)
     max_k = max(1, int(cfg.max_prune_fraction * ctx.total))
     counts = sorted({max(1, round(float(v))) for v in torch.logspace(0, math.log10(max_k), 24)})
@@ -133,15 +140,21 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
     timing["trace_and_unlearn"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    report(progress, 0, cfg.iterations, "synthesize")
+    trigger = strongest_trigger(ctx, unlearned, search, num_classes, cfg.synth_steps, cfg.synth_tries, cfg.seed)
+    timing["synthesize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     report(progress, 0, cfg.iterations, "features")
-    features = compute_features(ctx, unlearned, search, seed=cfg.seed, anp_steps=cfg.anp_steps)
+    features = compute_features(ctx, unlearned, search, seed=cfg.seed, anp_steps=cfg.anp_steps,
+                                rnp_epochs=cfg.rnp_epochs, trigger_gain=activation_gain(ctx, trigger, search))
     graphs = build_graphs(ctx, features.select(tuple(cfg.features)), cfg.epsilon, cfg.delta)
     timing["features_and_graphs"] = time.perf_counter() - t
 
     n = min(len(search.x), cfg.reward_samples)
     reward_batch = Batch(search.x[:n], search.y[:n])
     reward = Reward(ctx, reward_batch, make_score(cfg.score, ctx, unlearned, reward_batch, num_classes,
-                                                  cfg.perturb_eps, cfg.seed), cfg.lambda_b, cfg.lambda_s)
+                                                  cfg.perturb_eps, cfg.seed, trigger), cfg.lambda_b, cfg.lambda_s)
     t = time.perf_counter()
     trace: list[dict[str, Any]] = []
     if cfg.policy == "rl":
@@ -153,15 +166,25 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
 
     t = time.perf_counter()
     report(progress, cfg.iterations, cfg.iterations, "select")
-    holdout_reward = Reward(ctx, holdout, make_score(cfg.score, ctx, unlearned, holdout, num_classes,
-                                                     cfg.perturb_eps, cfg.seed), cfg.lambda_b, cfg.lambda_s)
     unpruned = torch.ones(ctx.total)
     shortlist = sorted(candidates, key=lambda c: c[0], reverse=True)[:cfg.top_k] + [(0.0, unpruned)]
-    scored = [(holdout_reward(keep), keep) for _, keep in shortlist]
+    scored = []
+    for _, keep in shortlist:
+        # Re-synthesise the trigger against each candidate: a mask that merely breaks the
+        # one pattern found before, but leaves the shortcut, is caught here.
+        cand_trigger = trigger
+        if cfg.score == "synth" and cfg.resynth_steps:
+            cand_trigger = synthesize(ctx, search, trigger.target, cfg.resynth_steps, keep=keep, init=trigger,
+                                      seed=cfg.seed + 1)
+        holdout_reward = Reward(ctx, holdout, make_score(cfg.score, ctx, unlearned, holdout, num_classes,
+                                                         cfg.perturb_eps, cfg.seed, cand_trigger),
+                                cfg.lambda_b, cfg.lambda_s)
+        scored.append((holdout_reward(keep), keep))
     best_info, best_keep = max(scored, key=lambda s: s[0].reward)
     timing["select"] = time.perf_counter() - t
 
-    acc_before = holdout_reward(unpruned).acc
+    before_info = scored[-1][0]  # the unpruned model is always the last candidate
+    acc_before = before_info.acc
     pruned_idx = {i: torch.nonzero(m == 0).flatten().tolist() for i, m in enumerate(ctx.split_flat(best_keep))}
     pruned_idx = {i: v for i, v in pruned_idx.items() if v}
     prune(model, ctx.neurons, pruned_idx)
@@ -175,10 +198,11 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
     pruned = {ctx.neurons.layers[i].name: v for i, v in pruned_idx.items()}
     details = {
         "timing": {k: round(v, 2) for k, v in timing.items()},
-        "reward_calls": reward.calls + holdout_reward.calls,
+        "reward_calls": reward.calls + len(scored),
+        "synthesized_trigger": {"target": trigger.target, "success": trigger.success, "mask_l1": trigger.mask_l1},
         "selected": {"reward": best_info.reward, "acc": best_info.acc, "backdoor_score": best_info.backdoor,
                      "fraction_pruned": best_info.frac},
-        "backdoor_score_before": holdout_reward(unpruned).backdoor,
+        "backdoor_score_before": before_info.backdoor,
         "candidates": [{"reward": s.reward, "acc": s.acc, "backdoor_score": s.backdoor, "fraction": s.frac}
                        for s, _ in scored],
         "neurons_total": ctx.total,
