@@ -54,7 +54,9 @@ class Config(DefenseConfig):
     rnp_epochs: int = Field(10, ge=0, description="epochs of the RNP mask-recovery node feature (0: off)")
     synth_steps: int = Field(150, ge=10, description="optimisation steps of each trigger synthesis")
     synth_tries: int = Field(2, ge=1, description="candidate target classes to synthesise a trigger for")
-    resynth_steps: int = Field(60, ge=0, description="re-synthesis steps per shortlisted candidate at selection")
+    resynth_steps: int = Field(0, ge=0, description="re-synthesis steps per shortlisted candidate at selection "
+                               "(off: a re-synthesised pattern finds a new adversarial patch even after the real "
+                               "backdoor is gone, measured in docs/ONP.md)")
     reward_samples: int = Field(512, ge=32, description="clean images per reward evaluation (speed)")
     top_k: int = Field(5, ge=1, description="best search candidates re-scored on the held-out split")
     max_prune_fraction: float = Field(0.1, gt=0, le=1, description="candidates pruning more are discarded")

@@ -32,7 +32,7 @@ class SynthTrigger:
         return (1 - self.mask) * x + self.mask * self.pattern
 
 
-def synthesize(ctx: ModelContext, batch: Batch, target: int, steps: int = 150, lam: float = 0.01,
+def synthesize(ctx: ModelContext, batch: Batch, target: int, steps: int = 150, lam: float = 0.05,
                keep: torch.Tensor | None = None, init: SynthTrigger | None = None, seed: int = 0,
                batch_size: int = 128) -> SynthTrigger:
     """Optimise a mask+pattern that sends non-target clean images to ``target``."""
@@ -86,9 +86,15 @@ def strongest_trigger(ctx: ModelContext, unlearned: ModelContext, batch: Batch, 
 
 @torch.no_grad()
 def trigger_success(ctx: ModelContext, trigger: SynthTrigger, batch: Batch, keep: torch.Tensor | None) -> float:
+    """Mean target-class probability of non-target images carrying the synthesised trigger.
+
+    A probability rather than a hit rate: the hit rate saturates at 1 while the
+    shortcut is only partly cut (measured: it stayed ≥ 0.87 while the real ASR fell
+    from 93% to 0.2%), the probability keeps falling as more of it is pruned.
+    """
     x = batch.x[batch.y != trigger.target]
-    pred = ctx.logits(keep, trigger.apply(x)).argmax(1)
-    return float((pred == trigger.target).float().mean())
+    probs = ctx.logits(keep, trigger.apply(x)).softmax(1)[:, trigger.target]
+    return float(probs.mean())
 
 
 @torch.no_grad()

@@ -1,0 +1,147 @@
+"""ONP against ANP, RNP, CLP and Fine-Pruning, side by side on the same subjects and clean data.
+
+    .venv/bin/python -m bench.compare --profile cpu [--seeds 0 1 2] [--methods onp anp rnp clp fp]
+
+For every backdoored subject and seed, every method gets the same 500 class-balanced
+clean training images (1%) and the same seed. ACC/ASR/RA are measured on the full
+test split and its triggered version (used only for reporting). Writes
+docs/benchmarks/<profile>.json, .md and .png; the ANP oracle-threshold row (chosen by
+ASR, i.e. with knowledge of the attack) is a clearly labelled reference, not a method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onp_core.data import balanced_subset, load_dataset
+from onp_core.defenses import METHODS, run_repair
+from onp_core.metrics import Metrics, der, evaluate
+
+from .zoo import ATTACKS, load_zoo
+
+
+def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[str, Any]) -> dict[str, Any]:
+    test, triggered = subject.test_sets()
+    clean = balanced_subset(load_dataset(subject.spec.dataset, "train"), n_clean, seed=100 + seed)
+    before = evaluate(subject.model, test, triggered, subject.attack.target)
+    t = time.perf_counter()
+    result = run_repair(subject.model, clean, method, {"seed": seed, **options.get(method, {})})
+    seconds = time.perf_counter() - t
+    after = evaluate(result.model, test, triggered, subject.attack.target)
+    row = {"subject": subject.spec.key(), "dataset": subject.spec.dataset, "attack": subject.spec.attack,
+           "method": method, "seed": seed, "acc_before": before.acc, "asr_before": before.asr,
+           "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
+           "pruned": result.num_pruned, "seconds": seconds}
+    if method == "anp":
+        from onp_core.defenses.anp import oracle_sweep
+
+        best = oracle_sweep(subject.model, result, test, triggered, subject.attack.target)["best"]
+        ref = Metrics(best["acc"], best["asr"], best.get("ra"))
+        row["anp_oracle"] = {"acc": ref.acc, "asr": ref.asr, "der": der(before, ref), "threshold": best.get("threshold")}
+    return row
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [header, "", "| dataset | attack | method | ACC | ASR | RA | DER | pruned | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["dataset"], r["attack"]) for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    for ds, atk in keys:
+        sub = [r for r in rows if r["dataset"] == ds and r["attack"] == atk]
+        nd = sub[0]
+        lines.append(f"| {ds} | {atk} | no defense | {100 * statistics.mean(r['acc_before'] for r in sub):.2f} | "
+                     f"{100 * statistics.mean(r['asr_before'] for r in sub):.2f} | — | — | 0 | — |")
+        for m in methods:
+            rs = [r for r in sub if r["method"] == m]
+            if not rs:
+                continue
+            lines.append(f"| {ds} | {atk} | {m} | {_mean_std([r['acc'] for r in rs])} | {_mean_std([r['asr'] for r in rs])} "
+                         f"| {_mean_std([r['ra'] for r in rs])} | {_mean_std([r['der'] for r in rs])} "
+                         f"| {statistics.mean(r['pruned'] for r in rs):.1f} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
+            oracle = [r["anp_oracle"] for r in rs if "anp_oracle" in r]
+            if oracle:
+                lines.append(f"| {ds} | {atk} | *anp oracle (threshold picked by ASR — reference only)* | "
+                             f"{_mean_std([o['acc'] for o in oracle])} | {_mean_std([o['asr'] for o in oracle])} | — | "
+                             f"{_mean_std([o['der'] for o in oracle])} | — | — |")
+        del nd
+    lines += ["", "**Averages per method** (over subjects and seeds; ± is the std over all runs)", "",
+              "| method | ΔACC (points) | ASR after | DER | seconds |", "|---|---|---|---|---|"]
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        lines.append(f"| {m} | {_mean_std([r['acc'] - r['acc_before'] for r in rs])} | {_mean_std([r['asr'] for r in rs])} "
+                     f"| {_mean_std([r['der'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["dataset"], r["attack"]) for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 3.5))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        vals = [statistics.mean([r["der"] for r in rows if r["method"] == m and (r["dataset"], r["attack"]) == k] or [0])
+                for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{d}\n{a}" for d, a in keys], fontsize=8)
+    ax.set_ylabel("DER")
+    ax.set_ylim(0, 1)
+    ax.legend(ncol=len(methods), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--datasets", nargs="+", default=["cifar10", "fashion_mnist"])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--n-clean", type=int, default=500)
+    parser.add_argument("--options", default="{}", help='per-method options JSON, e.g. {"onp": {"iterations": 20}}')
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    options = json.loads(args.options)
+    rows = []
+    for subject in load_zoo(args.profile, args.datasets, args.attacks):
+        for seed in args.seeds:
+            for method in args.methods:
+                row = run_one(subject, method, seed, args.n_clean, options)
+                rows.append(row)
+                print(f"{row['subject']} seed {seed} {method}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
+                      f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (f"## {args.profile} profile — {date.today()} — {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
+              f"Command: `python -m bench.compare --profile {args.profile} --seeds {' '.join(map(str, args.seeds))} "
+              f"--methods {' '.join(args.methods)} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}`")
+    (args.out / f"{args.profile}.json").write_text(json.dumps(rows, indent=2))
+    (args.out / f"{args.profile}.md").write_text(markdown(rows, header))
+    plot(rows, args.out / f"{args.profile}.png")
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
