@@ -52,8 +52,10 @@ class Config(DefenseConfig):
     perturb_eps: float = Field(0.3, gt=0, le=1, description="neuron perturbation size for the 'perturb' score")
     anp_steps: int = Field(50, ge=0, description="iterations of the ANP-mask node feature (0: off)")
     rnp_epochs: int = Field(10, ge=0, description="epochs of the RNP mask-recovery node feature (0: off)")
-    synth_steps: int = Field(150, ge=10, description="optimisation steps of each trigger synthesis")
-    synth_tries: int = Field(2, ge=1, description="candidate target classes to synthesise a trigger for")
+    synth_steps: int = Field(80, ge=10, description="optimisation steps of each trigger synthesis")
+    synth_tries: int = Field(10, ge=1, description="candidate target classes (most predicted by the unlearned "
+                             "model first) to synthesise a trigger for")
+    synth_batch: int = Field(64, ge=8, description="images per synthesis step")
     resynth_steps: int = Field(0, ge=0, description="re-synthesis steps per shortlisted candidate at selection "
                                "(off: a re-synthesised pattern finds a new adversarial patch even after the real "
                                "backdoor is gone, measured in docs/ONP.md)")
@@ -143,7 +145,8 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
 
     t = time.perf_counter()
     report(progress, 0, cfg.iterations, "synthesize")
-    trigger = strongest_trigger(ctx, unlearned, search, num_classes, cfg.synth_steps, cfg.synth_tries, cfg.seed)
+    trigger = strongest_trigger(ctx, unlearned, search, num_classes, cfg.synth_steps, cfg.synth_tries, cfg.seed,
+                                cfg.synth_batch)
     timing["synthesize"] = time.perf_counter() - t
 
     t = time.perf_counter()

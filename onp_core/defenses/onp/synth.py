@@ -78,10 +78,21 @@ def candidate_targets(unlearned: ModelContext, batch: Batch, num_classes: int, k
 
 
 def strongest_trigger(ctx: ModelContext, unlearned: ModelContext, batch: Batch, num_classes: int,
-                      steps: int = 150, tries: int = 2, seed: int = 0) -> SynthTrigger:
-    """The synthesised trigger with the best success per unit of mask area among the likely targets."""
-    found = [synthesize(ctx, batch, t, steps, seed=seed) for t in candidate_targets(unlearned, batch, num_classes, tries)]
-    return max(found, key=lambda s: s.success - 2.0 * s.mask_l1)
+                      steps: int = 150, tries: int = 2, seed: int = 0, batch_size: int = 64) -> SynthTrigger:
+    """Neural Cleanse's rule over the likely targets: the smallest mask that still works.
+
+    Among the ``tries`` classes the unlearned model predicts most, the trigger with the
+    smallest mask among those reaching 90% success wins (the backdoor's shortcut is the
+    anomalously small one); when none reaches 90%, the most successful one.
+    Measured: ranking by success − 2·area picked a natural adversarial patch toward a
+    wrong class on Fashion-MNIST, so area now decides.
+    """
+    found = [synthesize(ctx, batch, t, steps, seed=seed, batch_size=batch_size)
+             for t in candidate_targets(unlearned, batch, num_classes, tries)]
+    working = [s for s in found if s.success >= 0.9]
+    if working:
+        return min(working, key=lambda s: s.mask_l1)
+    return max(found, key=lambda s: s.success)
 
 
 @torch.no_grad()
