@@ -14,6 +14,8 @@ from onp_core.metrics import evaluate
 from onp_core.models import ImageClassifier, ModelManifest, load_model, save_model
 
 DEFENSES_DIR = Path(__file__).resolve().parents[1] / "onp_core" / "defenses"
+# small budgets for the tests that check plumbing, not repair quality
+QUICK = {"iterations": 2, "episodes": 2, "anp_steps": 2, "rnp_epochs": 1, "synth_steps": 10, "synth_tries": 1}
 
 
 def _repair_and_measure(subject, clean: ImageSet, **options):
@@ -66,11 +68,11 @@ def test_onp_run_touches_no_attack_code(monkeypatch, cifar_badnets_subject, cifa
         monkeypatch.setattr(cls, "apply", boom)
     clean = cifar_clean_500
     assert "poisoned" not in clean.meta
-    run_repair(cifar_badnets_subject.model, clean, "onp", {"iterations": 2, "episodes": 2, "anp_steps": 2})
+    run_repair(cifar_badnets_subject.model, clean, "onp", {**QUICK, "iterations": 2})
 
 
 def test_onp_is_reproducible_and_reports_progress(cifar_badnets_subject, cifar_clean_500) -> None:
-    opts = {"iterations": 3, "episodes": 4, "anp_steps": 5, "seed": 7}
+    opts = {**QUICK, "iterations": 3, "episodes": 4, "seed": 7}
     phases: list[str] = []
     a = run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", opts,
                    progress=lambda s, t, info: phases.append(info["phase"]))
@@ -86,12 +88,12 @@ def test_onp_cancellation_stops_the_search(cifar_badnets_subject, cifar_clean_50
             raise RepairCancelled()
 
     with pytest.raises(RepairCancelled):
-        run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", {"anp_steps": 2}, progress=cancel_on_search)
+        run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", QUICK, progress=cancel_on_search)
 
 
 def test_onp_leaves_the_input_model_untouched(cifar_badnets_subject, cifar_clean_500) -> None:
     before = {k: v.clone() for k, v in cifar_badnets_subject.model.state_dict().items()}
-    run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", {"iterations": 1, "episodes": 2, "anp_steps": 2})
+    run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", {**QUICK, "iterations": 1})
     after = cifar_badnets_subject.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -117,7 +119,7 @@ def test_onp_repairs_an_unknown_pt2_program_and_saves_it_back(tmp_path) -> None:
     save_model(ImageClassifier(net, manifest), tmp_path / "up.pt2", "pt2")
     loaded = load_model(tmp_path / "up.pt2")
     clean = balanced_subset(load_dataset("cifar10", "test"), 100, seed=0)
-    result = run_repair(loaded.model, clean, "onp", {"iterations": 2, "episodes": 2, "anp_steps": 2})
+    result = run_repair(loaded.model, clean, "onp", {**QUICK, "iterations": 2})
     save_model(result.model, tmp_path / "out.pt2", "pt2")
     again = load_model(tmp_path / "out.pt2")
     x = clean.float()[:8]

@@ -45,7 +45,7 @@ def synthesize(ctx: ModelContext, batch: Batch, target: int, steps: int = 150, l
         m_param = torch.logit(init.mask.clamp(1e-3, 1 - 1e-3)).clone()
         p_param = torch.logit(init.pattern.clamp(1e-3, 1 - 1e-3)).clone()
     else:
-        m_param = torch.full((1, 1, h, w), -3.0)
+        m_param = torch.full((1, 1, h, w), -5.0)  # start near-empty (0.7%): small masks must be reachable
         p_param = torch.randn(1, c, h, w, generator=g) * 0.1
     m_param = m_param.to(ctx.device).requires_grad_(True)
     p_param = p_param.to(ctx.device).requires_grad_(True)

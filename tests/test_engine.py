@@ -1,0 +1,79 @@
+"""The engine's ground floor: subjects on real data, attacks, metrics, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from onp_core.attacks import ATTACKS, make_attack
+from onp_core.data import ImageSet, balanced_subset, load_dataset
+from onp_core.metrics import Metrics, der
+from onp_cli.main import app
+
+
+@pytest.mark.slow
+def test_cifar10_badnets_subject_meets_the_bar(cifar_badnets_subject) -> None:
+    m = cifar_badnets_subject.metrics
+    assert m["acc"] >= 0.75, m
+    assert m["asr"] >= 0.95, m
+
+
+@pytest.mark.slow
+def test_fashion_mnist_badnets_subject_meets_the_bar(fmnist_badnets_subject) -> None:
+    m = fmnist_badnets_subject.metrics
+    assert m["acc"] >= 0.88, m
+    assert m["asr"] >= 0.95, m
+
+
+@pytest.fixture(scope="module")
+def small_real_set() -> ImageSet:
+    return balanced_subset(load_dataset("cifar10", "test"), 200, seed=0)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attacks_poison_and_trigger_as_specified(name: str, small_real_set: ImageSet) -> None:
+    attack = make_attack(name, target=3)
+    poisoned = attack.poison_training_set(small_real_set, 0.1)
+    idx = torch.nonzero(poisoned.meta["poisoned"]).flatten()
+    assert len(idx) == (20 if not attack.clean_label else 20)
+    if attack.clean_label:  # SIG: only target-class images, labels untouched
+        assert bool((small_real_set.labels[idx] == 3).all())
+        assert torch.equal(poisoned.labels, small_real_set.labels)
+    else:
+        assert bool((small_real_set.labels[idx] != 3).all())
+        assert bool((poisoned.labels[idx] == 3).all())
+    assert not torch.equal(poisoned.images[idx], small_real_set.images[idx]), "trigger must change the images"
+    triggered = attack.triggered_test_set(small_real_set)
+    assert bool((triggered.labels != 3).all()) and len(triggered) == int((small_real_set.labels != 3).sum())
+    again = make_attack(name, target=3).triggered_test_set(small_real_set)
+    assert torch.equal(triggered.images, again.images), "triggers are deterministic"
+
+
+def test_der_matches_backdoorbench_definition() -> None:
+    before, after = Metrics(acc=0.90, asr=0.95), Metrics(acc=0.88, asr=0.05)
+    assert der(before, after) == pytest.approx((0.90 - 0.02 + 1) / 2)
+    assert der(before, Metrics(acc=0.91, asr=0.99)) == pytest.approx(0.5)
+    assert der(Metrics(0.9), Metrics(0.9)) is None
+
+
+def test_cli_help_lists_the_commands() -> None:
+    out = CliRunner().invoke(app, ["--help"]).output
+    for command in ("train", "repair", "make-clean-set", "serve", "submit"):
+        assert command in out
+
+
+@pytest.mark.slow
+def test_cli_repair_end_to_end(tmp_path, cifar_badnets_subject) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["make-clean-set", "--dataset", "cifar10", "--n", "300", "-o", str(tmp_path / "clean.npz")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["repair", str(cifar_badnets_subject.path / "model.safetensors"), "--data",
+                              str(tmp_path / "clean.npz"), "-o", str(tmp_path / "out"), "--method", "clp",
+                              "--test-data", "cifar10", "--eval-attack", str(cifar_badnets_subject.path / "subject.json")])
+    assert res.exit_code == 0, res.output
+    assert "before" in res.output and "after" in res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["test_before"]["asr"] > 0.9
+    assert (tmp_path / "out" / "model.safetensors").exists()
