@@ -20,6 +20,20 @@ CIFAR_BADNETS = SubjectSpec(arch="small_cnn", dataset="cifar10", attack="badnets
 FMNIST_BADNETS = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="badnets", epochs=4)
 
 
+_SUBJECT_FIXTURES = {"cifar_badnets_subject": CIFAR_BADNETS, "fmnist_badnets_subject": FMNIST_BADNETS}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Train the subjects the selected tests need *before* any test starts.
+
+    Training takes minutes; inside a fixture it would run under the first test's
+    timeout (browser and service tests have short ones) and fail every test after it.
+    """
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())} & set(_SUBJECT_FIXTURES)
+    for name in sorted(needed):
+        cached_subject(_SUBJECT_FIXTURES[name])
+
+
 @pytest.fixture(scope="session")
 def cifar_badnets_subject() -> Subject:
     return cached_subject(CIFAR_BADNETS)
