@@ -105,7 +105,8 @@ def _load_state_into(model: ImageClassifier, state: dict[str, torch.Tensor]) -> 
             f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
         )
-    for key, tensor in state.items():
+    for key in expected:  # the architecture's order, so the first mismatch reported is stable
+        tensor = state[key]
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelLoadError(f"tensor {key!r} has shape {tuple(tensor.shape)}, "
                                  f"architecture {model.manifest.arch!r} expects {tuple(expected[key].shape)}")
