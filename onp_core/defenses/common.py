@@ -385,3 +385,58 @@ def sweep_masks(model: nn.Module, result: Any, clean_test: ImageSet, triggered: 
                      "acc": accuracy(net, clean_test, dev), "asr": attack_success_rate(net, triggered, target, dev)})
     best = min(rows, key=lambda r: (r["asr"], -r["acc"]))
     return {"rows": rows, "best": best, "reference_only": True}
+
+
+@dataclass
+class FinetuneSettings:
+    """SGD settings of a clean-data fine-tune (Fine-Pruning's defaults)."""
+
+    epochs: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    augment: bool = True
+    hflip: bool = False
+    seed: int = 1
+    padding: int = 4  # random-crop padding (crop_padding(input_shape))
+
+
+def finetune_keeping_pruned(net: nn.Module, neurons: NeuronMap, pruned: Mapping[int, Sequence[int]], train: Tensors,
+                            held: Tensors, settings: FinetuneSettings, trace: list[dict[str, Any]] | None = None,
+                            progress: Any = None) -> None:
+    """Train the whole ``net`` on clean data; the pruned channels are re-zeroed after every step.
+
+    Shared by Fine-Pruning (its third stage) and ONP's optional fine-tune, so both report
+    the same per-epoch trace (loss, train accuracy, held-out accuracy).
+    """
+    params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    sampler = Sampler(train, settings.batch_size, settings.seed, settings.augment, settings.padding,
+                      settings.hflip)
+    try:
+        for epoch in range(settings.epochs):
+            set_training(net, True)
+            correct, seen, loss_sum = 0, 0, 0.0
+            for x, y in sampler.epoch():
+                opt.zero_grad(set_to_none=True)
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                opt.step()
+                prune(net, neurons, pruned)
+                correct += int((out.detach().argmax(1) == y).sum())
+                seen += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+            val = accuracy_of(net, held)
+            if trace is not None:
+                trace.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss_sum / seen,
+                              "train_acc": correct / seen, "acc": val})
+            if progress is not None:
+                progress(epoch + 1, settings.epochs, {"phase": "finetune", "loss": loss_sum / seen, "acc": val})
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        set_training(net, False)

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from ..data.dataset import ImageSet
@@ -33,7 +32,8 @@ from ..device import resolve_device
 from ..models import ImageClassifier
 from ..neurons import discover_neurons, prune
 from .base import DefenseConfig, ProgressCallback, RepairResult, Timer, clean_splits, report, working_copy
-from .common import LayerProbe, Sampler, Tensors, accuracy_of, by_name, crop_padding, mean_activation, set_training
+from .common import (FinetuneSettings, LayerProbe, Tensors, accuracy_of, by_name, crop_padding,
+                     finetune_keeping_pruned, mean_activation)
 
 NAME = "fp"
 
@@ -108,32 +108,11 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
 
     # 3. fine-tune, keeping the pruned channels at zero
     if config.finetune_epochs > 0:
-        params = [p for p in net.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        sampler = Sampler(search_t, config.batch_size, config.seed + 1, config.augment, crop_padding(input_shape),
-                          config.hflip)
-        for epoch in range(config.finetune_epochs):
-            set_training(net, True)
-            correct, seen, loss_sum = 0, 0, 0.0
-            for x, y in sampler.epoch():
-                opt.zero_grad(set_to_none=True)
-                out = net(x)
-                loss = F.cross_entropy(out, y)
-                loss.backward()
-                opt.step()
-                prune(net, neurons, pruned)
-                correct += int((out.detach().argmax(1) == y).sum())
-                seen += len(y)
-                loss_sum += float(loss.detach()) * len(y)
-            val = accuracy_of(net, held_t)
-            trace.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss_sum / seen,
-                          "train_acc": correct / seen, "acc": val})
-            report(progress, epoch + 1, config.finetune_epochs, "finetune", loss=loss_sum / seen, acc=val)
-        for p in params:
-            p.requires_grad_(False)
-        set_training(net, False)
+        finetune_keeping_pruned(net, neurons, pruned, search_t, held_t, FinetuneSettings(
+            epochs=config.finetune_epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+            batch_size=config.batch_size, augment=config.augment, hflip=config.hflip, seed=config.seed + 1,
+            padding=crop_padding(input_shape)),
+            trace, progress)
     acc_after = accuracy_of(net, held_t)
     return RepairResult(
         model=net.cpu(), method=NAME, pruned=by_name(neurons, pruned), clean_acc_before=acc_before,

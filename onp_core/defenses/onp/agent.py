@@ -56,3 +56,46 @@ def policy_loss(episodes: list[Episode], returns: torch.Tensor, entropy_coef: fl
         loss = loss - (advantage * ep.log_prob).sum() + value_coef * ((ep.values - r) ** 2).sum()
         loss = loss - entropy_coef * ep.entropy.sum() / max(1, ep.keep.numel()) * len(ep.values)
     return loss / len(episodes)
+
+
+def prior_probabilities(backdoor_drop: torch.Tensor, top: float = 0.5, floor_count: float = 0.5) -> torch.Tensor:
+    """Per-neuron prune probabilities the policy starts from, before any reward is seen.
+
+    ∝ the squared, max-scaled leave-one-out backdoor drop: the few neurons whose removal
+    alone cuts the synthesised trigger start near ``top``, the rest near
+    ``floor_count / N``. Measured (docs/ONP.md): from a uniform start the agent sampled
+    the one decisive neuron of a 224-neuron CNN about twice in 240 episodes and never
+    learned it; the search decides *which combination*, the prior only says where to look.
+    """
+    drop = backdoor_drop.clamp_min(0)
+    scaled = drop / drop.max().clamp_min(1e-12)
+    return (top * scaled ** 2).clamp_min(floor_count / max(1, drop.numel())).clamp(max=top)
+
+
+def imitate(policy: PolicyValueNet, graphs: list[Data], prior: torch.Tensor, steps: int = 100,
+            lr: float = 0.01) -> float:
+    """Behaviour cloning: fit the policy's prune probabilities to ``prior`` (BCE); returns the final loss."""
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    total = prior.numel()
+    targets, contexts, offset, cum = [], [], 0, 0.0
+    prev = 0.0
+    for g in graphs:
+        n = g.x.shape[0]
+        t = prior[offset:offset + n]
+        targets.append(t)
+        contexts.append(torch.tensor([cum / total, prev]))
+        cum += float(t.sum())
+        prev = float(t.mean())
+        offset += n
+    loss_value = float("nan")
+    for _ in range(steps):
+        loss = torch.zeros(())
+        for g, t, c in zip(graphs, targets, contexts):
+            logits, _ = policy(g.x, g.edge_index, g.edge_weight, g.desc, c)
+            loss = loss + F.binary_cross_entropy_with_logits(logits, t, reduction="sum")
+        loss = loss / total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.detach())
+    return loss_value

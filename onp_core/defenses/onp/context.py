@@ -43,6 +43,10 @@ class ModelContext:
         """A flat [total] keep-mask → per-layer masks."""
         return [flat[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.sizes))]
 
+    def split_flat_batched(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-sample flat keep-masks [B, total] → per-layer [B, C] masks (one mask per image)."""
+        return [flat[:, self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.sizes))]
+
     @torch.no_grad()
     def logits(self, flat_mask: torch.Tensor | None, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         self.net.set_masks(None if flat_mask is None else self.split_flat(flat_mask.to(self.device)))

@@ -7,13 +7,18 @@ Each feature is one of the observations in ``shared/ONP.md``:
   (backdoor neurons are the ones the perturbation exploits);
 - RNP: the neuron's mask when the clean-unlearned model is recovered on clean data
   (backdoor neurons stay on in the unlearned model, so recovery switches them down);
-- CLP: the channel's upper Lipschitz bound (backdoor channels are unusually steep).
-All features are z-scored within their layer so that one GNN serves every layer.
+- CLP: the channel's upper Lipschitz bound (backdoor channels are unusually steep);
+- the synthesised triggers (synth.py): activation gain under them, and the
+  leave-one-out effects of pruning the neuron on their target probability and on the
+  clean loss (effects.py) — the most direct evidence, and the one the ablation keeps.
+Features are z-scored within their layer so that one GNN serves every layer; the
+trigger-derived ones also come in an absolute, model-wide-scaled form.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +26,16 @@ import torch.nn.functional as F
 from ...neurons import NeuronLayer
 from .context import Batch, ModelContext
 
-FEATURE_NAMES = ("act_mean", "act_std", "act_max", "act_frac", "bn_gamma", "bn_beta", "q_norm",
-                 "anp_mask", "rnp_mask", "clp_bound", "trigger_gain", "anp_mask_abs", "rnp_mask_abs",
-                 "trigger_gain_abs")
-# Masks live in [0, 1] in every layer, so their absolute value is comparable across
-# layers; z-scoring alone would make a clean layer's least-stable neuron look as
-# suspicious as a real backdoor neuron.
-_ABSOLUTE = {"anp_mask_abs": "anp_mask", "rnp_mask_abs": "rnp_mask", "trigger_gain_abs": "trigger_gain"}
+if TYPE_CHECKING:
+    from .effects import NeuronEffects
+
+FEATURE_NAMES = ("act_mean", "act_std", "act_max", "act_frac", "bn_gamma", "bn_beta", "q_norm", "clp_bound",
+                 "trigger_gain", "backdoor_drop", "loss_rise", "anp_mask", "rnp_mask",
+                 "backdoor_drop_abs", "loss_rise_abs", "trigger_gain_abs")
+# Absolute (not z-scored) versions, scaled by the model-wide maximum, so they compare
+# across layers: z-scoring alone would make a clean layer's most trigger-sensitive
+# neuron look as suspicious as the one real backdoor neuron of another layer.
+_ABSOLUTE = {"backdoor_drop_abs": "backdoor_drop", "loss_rise_abs": "loss_rise", "trigger_gain_abs": "trigger_gain"}
 
 
 @dataclass
@@ -186,16 +194,16 @@ def rnp_masks(unlearned_ctx: ModelContext, batch: Batch, epochs: int = 20, seed:
     return _mask_training(unlearned_ctx, batch, steps, lr=0.2, seed=seed)
 
 
-def compute_features(ctx: ModelContext, unlearned_ctx: ModelContext, batch: Batch, seed: int = 0,
-                     anp_steps: int = 300, rnp_epochs: int = 20,
-                     trigger_gain: list[torch.Tensor] | None = None) -> NodeFeatures:
-    """All node features for every neuron layer of ``ctx`` (a signal with 0 steps is left neutral)."""
+def compute_features(ctx: ModelContext, batch: Batch, effects: "NeuronEffects", trigger_gain: list[torch.Tensor],
+                     anp: torch.Tensor | None = None, rnp: torch.Tensor | None = None) -> NodeFeatures:
+    """All node features for every neuron layer of ``ctx``; ANP/RNP masks are optional (neutral when absent)."""
     acts = activation_stats(ctx, batch)
     ones = torch.ones(ctx.total)
-    anp = ctx.split_flat(anp_masks(ctx, batch, steps=anp_steps, seed=seed) if anp_steps else ones)
-    rnp = ctx.split_flat(rnp_masks(unlearned_ctx, batch, epochs=rnp_epochs, seed=seed) if rnp_epochs else ones)
-    gains = trigger_gain or [torch.zeros(size) for size in ctx.sizes]
-    top_gain = max(float(g.abs().max()) for g in gains) or 1.0
+    anp_l, rnp_l = ctx.split_flat(ones if anp is None else anp.cpu()), ctx.split_flat(ones if rnp is None else rnp.cpu())
+    drop_l, rise_l = ctx.split_flat(effects.backdoor_drop), ctx.split_flat(effects.loss_rise)
+    scale = {"backdoor_drop": float(effects.backdoor_drop.abs().max()) or 1.0,
+             "loss_rise": float(effects.loss_rise.abs().max()) or 1.0,
+             "trigger_gain": max(float(g.abs().max()) for g in trigger_gain) or 1.0}
     raw: dict[str, list[torch.Tensor]] = {n: [] for n in FEATURE_NAMES}
     per_layer = []
     for i, layer in enumerate(ctx.neurons.layers):
@@ -203,14 +211,13 @@ def compute_features(ctx: ModelContext, unlearned_ctx: ModelContext, batch: Batc
         cols = {
             "act_mean": acts[i][:, 0], "act_std": acts[i][:, 1], "act_max": acts[i][:, 2], "act_frac": acts[i][:, 3],
             "bn_gamma": gamma, "bn_beta": beta, "q_norm": connection_strength(ctx, layer).sum(1),
-            "anp_mask": anp[i].cpu(), "rnp_mask": rnp[i].cpu(), "clp_bound": clp_bound(ctx, layer),
-            "trigger_gain": gains[i],
+            "clp_bound": clp_bound(ctx, layer), "trigger_gain": trigger_gain[i].cpu(),
+            "backdoor_drop": drop_l[i], "loss_rise": rise_l[i], "anp_mask": anp_l[i], "rnp_mask": rnp_l[i],
         }
         for k, source in _ABSOLUTE.items():
             cols[k] = cols[source]
         for k in FEATURE_NAMES:
             raw[k].append(cols[k].float())
-        cols["trigger_gain_abs"] = gains[i] / top_gain + 0.5  # in [-0.5, 1.5]: comparable across layers
-        per_layer.append(torch.stack([(cols[k].float() - 0.5) * 4 if k in _ABSOLUTE else _zscore(cols[k])
-                                      for k in FEATURE_NAMES], 1))
+        per_layer.append(torch.stack([2 * cols[_ABSOLUTE[k]].float() / scale[_ABSOLUTE[k]] if k in _ABSOLUTE
+                                      else _zscore(cols[k]) for k in FEATURE_NAMES], 1))
     return NodeFeatures(per_layer, raw, FEATURE_NAMES)

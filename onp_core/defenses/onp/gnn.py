@@ -32,6 +32,9 @@ class PolicyValueNet(nn.Module):
         with torch.no_grad():
             self.prune_head[-1].weight.mul_(0.1)
             self.prune_head[-1].bias.fill_(math.log(initial_prune_prob / (1 - initial_prune_prob)))
+            # the value baseline starts at 0 (the standardised return's mean), not at a random offset
+            self.value_head[-1].weight.zero_()
+            self.value_head[-1].bias.zero_()
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor, desc: torch.Tensor,
                 context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

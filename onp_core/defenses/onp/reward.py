@@ -8,9 +8,10 @@ Backdoor scores (trigger-free; each measured on the *pruned* candidate):
 - ``perturb``: class dominance under a one-step adversarial neuron perturbation of
   size ε. A backdoored network collapses to the target class under tiny neuron noise,
   a clean one errs in all directions (the ANP observation, used as a score).
-- ``synth``: success rate of a trigger synthesised from clean data (see synth.py)
-  on the pruned candidate: pruning the backdoor neurons disables the shortcut the
-  synthesised pattern exploits.
+- ``synth``: Σ_k w_k · p_k, the target probability of each suspect class k under its
+  trigger synthesised from clean data (synth.py), weighted by how anomalous that
+  trigger's area is: pruning the backdoor neurons disables the shortcut the
+  synthesised pattern exploits, and a model with no anomalous class scores 0.
 - ``combined``: the mean of ``unlearn`` and ``perturb``.
 Dominance is the most frequent predicted class's share, rescaled so that a uniform
 spread is 0 and a single class is 1.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import Batch, ModelContext
-from .synth import SynthTrigger, trigger_success
+from .synth import TriggerSet, target_probability
 
 SCORES = ("synth", "unlearn", "perturb", "combined")
 
@@ -79,28 +80,28 @@ class Combined:
         return sum(s(keep) for s in self.scores) / len(self.scores)
 
 
-class SynthesizedTriggerSuccess:
+class SynthesizedTriggerScore:
     name = "synth"
 
-    def __init__(self, ctx: ModelContext, batch: Batch, trigger: SynthTrigger):
-        self.ctx, self.batch, self.trigger = ctx, batch, trigger
+    def __init__(self, ctx: ModelContext, batch: Batch, triggers: TriggerSet, limit: int = 256):
+        self.ctx, self.batch, self.triggers, self.limit = ctx, batch, triggers, limit
 
     def __call__(self, keep: torch.Tensor) -> float:
-        return trigger_success(self.ctx, self.trigger, self.batch, keep)
+        probs = target_probability(self.ctx, self.triggers, self.batch, keep, limit=self.limit)
+        return sum(float(self.triggers.weights[k]) * p for k, p in probs.items())
 
 
-def make_score(name: str, ctx: ModelContext, unlearned: ModelContext, batch: Batch, num_classes: int,
-               eps: float, seed: int, trigger: SynthTrigger | None = None) -> Callable[[torch.Tensor], float]:
+def make_score(name: str, ctx: ModelContext, batch: Batch, num_classes: int, triggers: TriggerSet,
+               unlearned: Callable[[], ModelContext], eps: float = 0.3, seed: int = 0) -> Callable[[torch.Tensor], float]:
+    """The backdoor score ``name``; ``unlearned`` builds the clean-unlearned model on first need."""
     if name == "synth":
-        if trigger is None:
-            raise ValueError("the synth score needs a synthesised trigger")
-        return SynthesizedTriggerSuccess(ctx, batch, trigger)
+        return SynthesizedTriggerScore(ctx, batch, triggers)
     if name == "unlearn":
-        return UnlearnedDominance(unlearned, batch, num_classes)
+        return UnlearnedDominance(unlearned(), batch, num_classes)
     if name == "perturb":
         return PerturbationCollapse(ctx, batch, num_classes, eps, seed)
     if name == "combined":
-        return Combined(UnlearnedDominance(unlearned, batch, num_classes),
+        return Combined(UnlearnedDominance(unlearned(), batch, num_classes),
                         PerturbationCollapse(ctx, batch, num_classes, eps, seed))
     raise ValueError(f"unknown backdoor score {name!r}; one of {SCORES}")
 
