@@ -83,7 +83,7 @@ class Combined:
 class SynthesizedTriggerScore:
     name = "synth"
 
-    def __init__(self, ctx: ModelContext, batch: Batch, triggers: TriggerSet, limit: int = 256):
+    def __init__(self, ctx: ModelContext, batch: Batch, triggers: TriggerSet, limit: int = 128):
         self.ctx, self.batch, self.triggers, self.limit = ctx, batch, triggers, limit
 
     def __call__(self, keep: torch.Tensor) -> float:

@@ -43,7 +43,7 @@ class Config(DefenseConfig):
     encoder: Literal["gnn", "mlp"] = Field("gnn", description="message passing, or the MLP ablation")
     score: str = Field("synth", description=f"trigger-free backdoor score: one of {SCORES}")
     features: tuple[str, ...] = Field(DEFAULT_FEATURES, description=f"node features to use (ablation); of {FEATURE_NAMES}")
-    iterations: int = Field(20, ge=1, le=10_000, description="policy updates")
+    iterations: int = Field(15, ge=1, le=10_000, description="policy updates")
     episodes: int = Field(16, ge=2, le=256, description="episodes per update")
     lr: float = Field(0.003, gt=0, description="Adam step of the policy (larger steps undo the imitation prior in one update)")
     entropy_coef: float = Field(0.01, ge=0)
