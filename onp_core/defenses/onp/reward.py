@@ -115,17 +115,39 @@ class RewardInfo:
 
 
 class Reward:
-    """reward(keep) on one clean batch; ``keep`` is the flat 1/0 keep-mask over all neurons."""
+    """reward(keep) on one clean batch; ``keep`` is the flat 1/0 keep-mask over all neurons.
+
+    reward = acc − λ_b·B − λ_s·fraction − λ_drop·max(0, flips − tolerance), where flips
+    is the share of clean images whose prediction differs from the unpruned model's.
+    The last term is the exchange-rate guard: a planted backdoor is carried by neurons
+    the clean task barely needs, so a candidate that buys a lower B by changing more
+    than ``tolerance`` of the clean predictions is cutting real features, not a
+    backdoor. Flips, not the accuracy difference: fixed and broken images cancel in the
+    difference, so a search that maximises over many candidates finds ones whose
+    accuracy holds on these images by chance (measured: 1.5 points tolerated on the
+    search split became 3.3 points lost on the test set); flips do not cancel.
+    Measured on a *clean* Fashion-MNIST model (docs/ONP.md): its shirt class has a
+    natural trigger as anomalous as a real one, and without the guard the search paid
+    10 points of accuracy to weaken it.
+    """
 
     def __init__(self, ctx: ModelContext, batch: Batch, score: Callable[[torch.Tensor], float],
-                 lambda_b: float, lambda_s: float):
+                 lambda_b: float, lambda_s: float, tolerance: float = 1.0, lambda_drop: float = 0.0,
+                 reference: torch.Tensor | None = None):
         self.ctx, self.batch, self.score = ctx, batch, score
         self.lambda_b, self.lambda_s = lambda_b, lambda_s
+        self.tolerance, self.lambda_drop = tolerance, lambda_drop
+        # flips are counted against ``reference`` (the uploaded model's predictions) so that
+        # later repair rounds cannot each spend the tolerance again
+        self.pred0 = ctx.logits(None, batch.x).argmax(1) if reference is None else reference
         self.calls = 0
 
     def __call__(self, keep: torch.Tensor) -> RewardInfo:
         self.calls += 1
-        acc = self.ctx.accuracy(keep, self.batch)
+        pred = self.ctx.logits(keep, self.batch.x).argmax(1)
+        acc = float((pred == self.batch.y).float().mean())
+        flips = float((pred != self.pred0).float().mean())
         b = self.score(keep)
         frac = float(1 - keep.float().mean())
-        return RewardInfo(acc - self.lambda_b * b - self.lambda_s * frac, acc, b, frac)
+        excess = max(0.0, flips - self.tolerance)
+        return RewardInfo(acc - self.lambda_b * b - self.lambda_s * frac - self.lambda_drop * excess, acc, b, frac)
