@@ -120,12 +120,13 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--n-clean", type=int, default=500)
     parser.add_argument("--options", default="{}", help='per-method options JSON, e.g. {"onp": {"iterations": 20}}')
+    parser.add_argument("--cached-only", action="store_true", help="skip subjects not yet trained in the cache")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     options = json.loads(args.options)
     rows = []
-    for subject in load_zoo(args.profile, args.datasets, args.attacks):
+    for subject in load_zoo(args.profile, args.datasets, args.attacks, cached_only=args.cached_only):
         for seed in args.seeds:
             for method in args.methods:
                 row = run_one(subject, method, seed, args.n_clean, options)
@@ -136,7 +137,8 @@ def main() -> None:
     header = (f"## {args.profile} profile — {date.today()} — {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
               f"Command: `python -m bench.compare --profile {args.profile} --seeds {' '.join(map(str, args.seeds))} "
-              f"--methods {' '.join(args.methods)} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}`")
+              f"--methods {' '.join(args.methods)} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}"
+              f"{' --cached-only' if args.cached_only else ''} --options '{args.options}'`")
     (args.out / f"{args.profile}.json").write_text(json.dumps(rows, indent=2))
     (args.out / f"{args.profile}.md").write_text(markdown(rows, header))
     plot(rows, args.out / f"{args.profile}.png")

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from onp_core.subjects import Subject, SubjectSpec, cached_subject
+from onp_core.subjects import Subject, SubjectSpec, cached_subject, is_cached
 
 EPOCHS = {"cifar10": 8, "fashion_mnist": 4}
 ATTACKS = ("badnets", "blended", "wanet", "sig")
@@ -31,8 +31,13 @@ def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int =
             for arch in ("preact_resnet18", "vgg16_bn") for a in attacks]
 
 
-def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 0) -> list[Subject]:
-    return [cached_subject(spec) for spec in zoo_specs(profile, datasets, attacks, seed)]
+def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 0,
+             cached_only: bool = False) -> list[Subject]:
+    """The zoo's subjects, training missing ones (or skipping them with ``cached_only``)."""
+    specs = zoo_specs(profile, datasets, attacks, seed)
+    if cached_only:
+        specs = [s for s in specs if is_cached(s)]
+    return [cached_subject(spec) for spec in specs]
 
 
 def main() -> None:

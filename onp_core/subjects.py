@@ -88,6 +88,11 @@ def load_subject(path: Path) -> Subject:
     return Subject(path, loaded.model, SubjectSpec(**info["spec"]), attack, info["metrics"])
 
 
+def is_cached(spec: SubjectSpec) -> bool:
+    """Whether the subject is already trained in the cache (benchmarks can skip the rest)."""
+    return (cache_dir() / "subjects" / spec.key() / "subject.json").exists()
+
+
 def cached_subject(spec: SubjectSpec, **kwargs: Any) -> Subject:
     """Load the subject from the cache, training it first if absent (tests and benchmarks)."""
     path = cache_dir() / "subjects" / spec.key()

@@ -124,3 +124,22 @@ def test_auth_required(server: object, alice: httpx.Client) -> None:
     url = str(alice.base_url)
     assert httpx.get(f"{url}/v1/repairs").status_code == 401
     assert httpx.get(f"{url}/v1/repairs", headers={"Authorization": "Bearer onp_nope_nope"}).status_code == 401
+
+
+@pytest.mark.slow
+def test_onp_job_end_to_end_lowers_the_attack_success(alice: httpx.Client, worker: object, inputs: Inputs) -> None:
+    """The default method, as a user runs it: submit, poll, read the worker's metrics.
+
+    The upload is only 200 clean images (less than half the 500 the method is tuned for)
+    and the test worker's job limit is 120 s on one thread, so the search budget is
+    shortened and the bar is the weak one: the ASR on the user's triggered set halves.
+    """
+    options = {"method": "onp", "seed": 0, "device": "cpu", "options": {"iterations": 6, "episodes": 8}}
+    r = submit(alice, inputs.model, inputs.clean, options, triggered=inputs.triggered, target=inputs.target)
+    assert r.status_code == 202, r.text
+    job = wait_for(alice, r.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=900)
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["before"]["asr"] > 0.8
+    assert m["after"]["asr"] < m["before"]["asr"] / 2, m
+    assert m["after"]["acc"] >= m["before"]["acc"] - 0.05, m
