@@ -64,7 +64,8 @@ class Config(DefenseConfig):
     perturb_eps: float = Field(0.3, gt=0, le=1, description="neuron perturbation size for the 'perturb' score")
     anp_steps: int = Field(0, ge=0, description="iterations of the ANP-mask node feature (0: off)")
     rnp_epochs: int = Field(0, ge=0, description="epochs of the RNP mask-recovery node feature (0: off)")
-    synth_steps: int = Field(100, ge=10, description="optimisation steps of the all-class trigger synthesis")
+    synth_steps: int = Field(100, ge=10, description="optimisation steps of the all-class trigger synthesis "
+                             "(measured: 200 finds smaller planted triggers, docs/ONP.md, but was not validated)")
     synth_per_class: int = Field(8, ge=2, description="images per class per synthesis step")
     anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log area) at which a class starts to count")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
