@@ -68,7 +68,7 @@ def anomaly_weights(anomaly: torch.Tensor, low: float, high: float) -> torch.Ten
 
 
 def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps: int = 100,
-                        per_class: int = 16, seed: int = 0, low: float = 1.5, high: float = 2.5,
+                        per_class: int = 8, seed: int = 0, low: float = 1.5, high: float = 2.5,
                         success_bar: float = 0.9, keep: torch.Tensor | None = None) -> TriggerSet:
     """Neural-Cleanse style synthesis for every class at once; see the module docstring."""
     g = torch.Generator().manual_seed(seed)
