@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import Batch, ModelContext
-from .synth import TriggerSet
+from .synth import TriggerSet, triggered_images
 
 
 @dataclass
@@ -28,20 +28,18 @@ class NeuronEffects:
 
 
 def _triggered(triggers: TriggerSet, batch: Batch, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images carrying each suspect's trigger, their suspect class, and the suspect's weight."""
-    xs, ts, ws = [], [], []
+    """Images carrying each strong suspect's trigger, their suspect class, and per-image weights.
+
+    A suspect's weight is spread over its images, so the weighted sum of target
+    probabilities is the reward's backdoor score restricted to the strong suspects.
+    """
     top = float(triggers.weights.max()) if len(triggers.weights) else 0.0
-    for k in triggers.suspects:
-        if triggers.weights[k] < 0.25 * top:  # faint suspects cost forwards and add little
-            continue
-        x = batch.x[batch.y != k][:limit]
-        xs.append(triggers.apply(k, x))
-        ts.append(torch.full((len(x),), k, device=x.device))
-        ws.append(torch.full((len(x),), float(triggers.weights[k]) / max(1, len(x)), device=x.device))
-    if not xs:
-        empty = batch.x[:0]
-        return empty, batch.y[:0], torch.zeros(0, device=batch.x.device)
-    return torch.cat(xs), torch.cat(ts), torch.cat(ws)
+    # faint suspects cost forwards and add little
+    strong = [k for k in triggers.suspects if triggers.weights[k] >= 0.25 * top]
+    x, owner = triggered_images(triggers, batch, strong, limit)
+    counts = torch.bincount(owner, minlength=len(triggers.weights)).clamp_min(1).to(owner.device)
+    weights = triggers.weights.to(owner.device)[owner] / counts[owner]
+    return x, owner, weights
 
 
 def _taylor(ctx: ModelContext, x_clean: torch.Tensor, y_clean: torch.Tensor, x_trig: torch.Tensor,

@@ -22,7 +22,7 @@ from ...device import resolve_device
 from ...models import ImageClassifier
 from ...neurons import prune
 from ..base import DefenseConfig, ProgressCallback, RepairResult, Timer, clean_splits, report, working_copy
-from ..common import FinetuneSettings, Tensors, crop_padding, finetune_keeping_pruned
+from ..common import FinetuneSettings, Tensors, accuracy_of, crop_padding, finetune_keeping_pruned
 from .agent import Episode, imitate, policy_loss, prior_probabilities, run_episode
 from .context import Batch, ModelContext
 from .effects import neuron_effects
@@ -135,6 +135,11 @@ def _rl_candidates(graphs: list, ctx: ModelContext, reward: Reward, cfg: Config,
     return list(seen.values()), greedy
 
 
+def _pool(search_reward: float, holdout_reward: float, n_s: int, n_h: int) -> float:
+    """The reward over both clean splits, each weighted by its number of images."""
+    return (n_s * search_reward + n_h * holdout_reward) / (n_s + n_h)
+
+
 def _minimise(keep: torch.Tensor, value: float, reward: Reward, holdout_reward: Reward, n_s: int, n_h: int
               ) -> torch.Tensor:
     """Un-prune, one at a time, every neuron whose return does not lower the pooled reward.
@@ -146,7 +151,7 @@ def _minimise(keep: torch.Tensor, value: float, reward: Reward, holdout_reward: 
     for i in torch.nonzero(keep == 0).flatten().tolist():
         trial = keep.clone()
         trial[i] = 1
-        v = (n_s * reward(trial).reward + n_h * holdout_reward(trial).reward) / (n_s + n_h)
+        v = _pool(reward(trial).reward, holdout_reward(trial).reward, n_s, n_h)
         if v >= value:
             keep, value = trial, v
     return keep
@@ -198,7 +203,7 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
     # The held-out split alone is ~100 images (±4 points of accuracy noise); the pooled
     # estimate over both clean splits ranks the shortlist, the held-out numbers are reported.
     n_s, n_h = len(reward_batch.y), len(holdout.y)
-    pooled = [(n_s * search_r + n_h * held.reward) / (n_s + n_h) for (search_r, _), (held, _) in zip(shortlist, scored)]
+    pooled = [_pool(search_r, held.reward, n_s, n_h) for (search_r, _), (held, _) in zip(shortlist, scored)]
     best_at = max(range(len(scored)), key=lambda i: pooled[i])
     best_keep = _minimise(scored[best_at][1], pooled[best_at], reward, holdout_reward, n_s, n_h)
     timing["select"] = timing.get("select", 0.0) + time.perf_counter() - t
@@ -265,7 +270,7 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         prune(model, neurons, new)
         for i, v in new.items():
             pruned_idx[i] = sorted(set(pruned_idx.get(i, [])) | set(v))
-        ctx = ModelContext(model, device, neurons)  # the next round sees the pruned weights
+        # no re-trace: the masked graph shares the model's parameters, so the next round sees the pruned weights
 
     acc_after = ctx.accuracy(None, holdout)
     if cfg.finetune_epochs and pruned_idx:
@@ -274,7 +279,9 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         finetune_keeping_pruned(model, neurons, pruned_idx, search_t, held_t, FinetuneSettings(
             epochs=cfg.finetune_epochs, seed=cfg.seed + 1, padding=crop_padding(model.manifest.input_shape)),
             trace, progress)
-        acc_after = ModelContext(model, device, neurons).accuracy(None, holdout)
+        # the model itself, not the traced graph: training updated BN running statistics,
+        # which the traced graph keeps from the time it was traced
+        acc_after = accuracy_of(model, held_t)
         timing["finetune"] = time.perf_counter() - t
     model = model.cpu().eval()
     pruned = {neurons.layers[i].name: v for i, v in pruned_idx.items()}

@@ -119,6 +119,19 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
                       anomaly_weights(anomaly, low, high))
 
 
+def triggered_images(triggers: TriggerSet, batch: Batch, classes: list[int], limit: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each class k: up to ``limit`` non-k images carrying trigger k; and the k of every row."""
+    xs, owners = [], []
+    for k in classes:
+        x = batch.x[batch.y != k][:limit]
+        xs.append(triggers.apply(k, x))
+        owners.append(torch.full((len(x),), k, dtype=torch.long, device=x.device))
+    if not xs:
+        return batch.x[:0], batch.y[:0]
+    return torch.cat(xs), torch.cat(owners)
+
+
 @torch.no_grad()
 def target_probability(ctx: ModelContext, triggers: TriggerSet, batch: Batch, keep: torch.Tensor | None,
                        classes: list[int] | None = None, limit: int = 256) -> dict[int, float]:
@@ -131,17 +144,9 @@ def target_probability(ctx: ModelContext, triggers: TriggerSet, batch: Batch, ke
     classes = triggers.suspects if classes is None else classes
     if not classes:
         return {}
-    parts, owners = [], []
-    for kk in classes:
-        x = batch.x[batch.y != kk][:limit]
-        parts.append(triggers.apply(kk, x))
-        owners.append((kk, len(x)))
-    probs = ctx.logits(keep, torch.cat(parts)).softmax(1)
-    out, start = {}, 0
-    for kk, n in owners:
-        out[kk] = float(probs[start:start + n, kk].mean()) if n else 0.0
-        start += n
-    return out
+    x, owner = triggered_images(triggers, batch, classes, limit)
+    probs = ctx.logits(keep, x).softmax(1).gather(1, owner[:, None]).squeeze(1)
+    return {k: float(probs[owner == k].mean()) if bool((owner == k).any()) else 0.0 for k in classes}
 
 
 @torch.no_grad()
