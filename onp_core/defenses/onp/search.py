@@ -64,10 +64,12 @@ class Config(DefenseConfig):
     perturb_eps: float = Field(0.3, gt=0, le=1, description="neuron perturbation size for the 'perturb' score")
     anp_steps: int = Field(0, ge=0, description="iterations of the ANP-mask node feature (0: off)")
     rnp_epochs: int = Field(0, ge=0, description="epochs of the RNP mask-recovery node feature (0: off)")
-    synth_steps: int = Field(100, ge=10, description="optimisation steps of the all-class trigger synthesis "
-                             "(measured: 200 finds smaller planted triggers, docs/ONP.md, but was not validated)")
+    synth_steps: int = Field(100, ge=10, description="optimisation steps of the all-class trigger synthesis")
+    synth_restarts: int = Field(2, ge=1, le=8, description="independent syntheses per class, the smallest kept "
+                                "(one missed the planted trigger in 1 of 12 measured runs, docs/ONP.md)")
     synth_per_class: int = Field(8, ge=2, description="images per class per synthesis step")
     anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log area) at which a class starts to count")
+    anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-area units)")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
     effect_neurons: int = Field(64, ge=0, description="neurons whose leave-one-out effect is measured exactly")
     effect_images: int = Field(96, ge=16, description="clean images per leave-one-out measurement")
@@ -250,7 +252,8 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         t = time.perf_counter()
         report(progress, 0, cfg.iterations, "synthesize", round=r + 1)
         triggers = synthesize_triggers(ctx, search, num_classes, cfg.synth_steps, cfg.synth_per_class, cfg.seed + r,
-                                       cfg.anomaly_low, cfg.anomaly_high)
+                                       cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
+                                       min_spread=cfg.anomaly_min_spread)
         timing["synthesize"] = timing.get("synthesize", 0.0) + time.perf_counter() - t
         info: dict[str, Any] = {"round": r + 1, "triggers": triggers.summary(), "suspects": triggers.suspects}
         rounds.append(info)
