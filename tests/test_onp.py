@@ -97,6 +97,17 @@ def test_trigger_synthesis_points_at_the_planted_target(fmnist_badnets_subject, 
     assert int(triggers.anomaly.argmax()) == fmnist_badnets_subject.attack.target, triggers.summary()
 
 
+def test_anomaly_index_needs_a_large_gap_when_the_natural_areas_cluster() -> None:
+    """A converged synthesis gives tightly clustered natural areas; the spread floor keeps
+    a class 2× below the median ordinary while an 8× smaller (planted-size) one stands out."""
+    from onp_core.defenses.onp.synth import anomaly_index
+
+    natural = [48.0, 50, 51, 52, 49, 53, 50, 52, 51]
+    assert float(anomaly_index(torch.tensor(natural + [25.0]))[-1]) < 1.5
+    assert float(anomaly_index(torch.tensor(natural + [6.0]))[-1]) > 2.5
+    assert float(anomaly_index(torch.tensor(natural + [25.0]), min_spread=1e-6)[-1]) > 2.5  # without the floor
+
+
 def test_defense_code_never_imports_attacks_or_subjects() -> None:
     """Static guarantee: no defense module can reach poisoning or trigger code."""
     for path in DEFENSES_DIR.rglob("*.py"):
