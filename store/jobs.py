@@ -103,7 +103,16 @@ def request_cancel(s: Session, job_id: uuid.UUID) -> str:
 
 
 def mark_enqueued(s: Session, job_id: uuid.UUID) -> None:
-    _update(s, job_id, Job.status == "queued", enqueued_at=utcnow())
+    """Record that the task was published.
+
+    Not conditional on ``status == "queued"``: a free worker can claim the job between the
+    publish and this update (seen in CI: the job ran and succeeded with ``enqueued_at``
+    never set). So: a queued job's stamp is (re)written, as before, and a job already
+    claimed gets it only if still NULL. A requeue resets it to NULL; a first publish's update
+    could land after that only if delayed beyond the reaper's stale window, and then
+    ``published_but_queued`` still re-sends the job once it stays unclaimed.
+    """
+    _update(s, job_id, or_(Job.status == "queued", Job.enqueued_at.is_(None)), enqueued_at=utcnow())
 
 
 def never_enqueued(s: Session, created_before: datetime, limit: int = 100) -> list[tuple[uuid.UUID, str]]:
