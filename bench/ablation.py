@@ -7,7 +7,9 @@ Variants (each is ONP's Config with one change; see docs/ONP.md):
 - ``mlp``: the encoder without message passing (same node features);
 - ``greedy``: no RL, neurons ranked by the leave-one-out drop and the count swept by reward;
 - ``no_effects``: node features without the leave-one-out effects (activation, BN, CLP, gain only);
-- ``uniform_start``: RL without the imitation warm start.
+- ``uniform_start``: RL without the imitation warm start;
+- ``no_activation`` / ``no_bn`` / ``no_weights`` / ``no_gain``: one node-feature group left out
+  (activation statistics; BN γ/β; ‖q‖₁ and the CLP bound; the trigger activation gain).
 Writes docs/benchmarks/ablation.{md,json}; ASR is only reported, never used by ONP.
 """
 from __future__ import annotations
@@ -32,6 +34,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "greedy": {"policy": "greedy"},
     "no_effects": {"features": tuple(f for f in DEFAULT_FEATURES if "drop" not in f and "loss_rise" not in f)},
     "uniform_start": {"imitation_steps": 0},
+    # one feature group left out at a time
+    "no_activation": {"features": tuple(f for f in DEFAULT_FEATURES if not f.startswith("act_"))},
+    "no_bn": {"features": tuple(f for f in DEFAULT_FEATURES if not f.startswith("bn_"))},
+    "no_weights": {"features": tuple(f for f in DEFAULT_FEATURES if f not in ("q_norm", "clp_bound"))},
+    "no_gain": {"features": tuple(f for f in DEFAULT_FEATURES if not f.startswith("trigger_gain"))},
 }
 assert all(set(v.get("features", ())) <= set(FEATURE_NAMES) for v in VARIANTS.values())
 
