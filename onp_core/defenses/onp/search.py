@@ -67,11 +67,11 @@ class Config(DefenseConfig):
     rnp_epochs: int = Field(0, ge=0, description="epochs of the RNP mask-recovery node feature (0: off)")
     synth_steps: int = Field(100, ge=10, description="optimisation steps of the all-class trigger synthesis")
     synth_restarts: int = Field(2, ge=1, le=8, description="independent syntheses per class, the smallest kept "
-                                "(one missed the planted trigger in 1 of 12 measured runs, docs/ONP.md)")
+                                "(a single restart missed the planted trigger in 1 of 12 measured runs, docs/ONP.md)")
     synth_per_class: int = Field(8, ge=2, description="images per class per synthesis step")
     anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log area) at which a class starts to count")
-    anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-area units)")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
+    anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-area units)")
     effect_neurons: int = Field(64, ge=0, description="neurons whose leave-one-out effect is measured exactly")
     effect_images: int = Field(96, ge=16, description="clean images per leave-one-out measurement")
     reward_samples: int = Field(512, ge=32, description="clean images per reward evaluation (speed)")

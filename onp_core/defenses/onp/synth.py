@@ -104,6 +104,7 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
     # Pools of non-target images per class; a class with none (tiny sets) borrows all images.
     pools = [torch.nonzero(y_all != t).flatten() for t in range(k)]
     pools = [p if len(p) else torch.arange(len(y_all)) for p in pools]
+    slot_pools = [pools[int(t)] for t in owner]
     m_param = torch.full((n, 1, h, w), float(mask_init), device=dev, requires_grad=True)
     p_param = (torch.randn(n, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([m_param, p_param], lr=lr, betas=(0.5, 0.9))
@@ -116,8 +117,7 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
     ctx.net.set_masks(None if keep is None else ctx.split_flat(keep.to(dev)))
     try:
         for step in range(steps):
-            idx = torch.stack([pools[int(t)][torch.randint(0, len(pools[int(t)]), (per_class,), generator=g)]
-                               for t in owner]).to(dev)
+            idx = torch.stack([p[torch.randint(0, len(p), (per_class,), generator=g)] for p in slot_pools]).to(dev)
             m, p = torch.sigmoid(m_param), torch.sigmoid(p_param)
             xt = (1 - m[:, None]) * x_all[idx] + (m * p)[:, None]
             out = ctx.net(xt.flatten(0, 1))
