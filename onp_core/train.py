@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks.base import Attack
+from .data.augment import augment
 from .data.dataset import ImageSet
 from .device import resolve_device
 
@@ -32,20 +33,6 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = False
     bf16: bool = False
-
-
-def augment(x: torch.Tensor, padding: int, hflip: bool, g: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, on a float batch."""
-    n, _, h, w = x.shape
-    if padding:
-        padded = F.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-        x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if hflip:
-        flip = torch.rand(n, generator=g) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-    return x
 
 
 def train_model(model: nn.Module, data: ImageSet, config: TrainConfig, attack: Attack | None = None,

@@ -23,6 +23,7 @@ from hostile import pt2 as hostile_pt2
 from hostile.pickles import evil_pickle, evil_torch_save, fresh_marker
 from onp_core.models import ImageClassifier, ModelManifest, build_model
 from onp_core.models.io import MANIFEST_KEY, ModelLoadError, detect_format, load_model, save_model
+from model_helpers import randomise_bn
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,21 +36,11 @@ def _flush_denormals():
     torch.set_flush_denormal(False)
 
 
-def _randomise_bn(model: ImageClassifier, seed: int = 0) -> ImageClassifier:
-    """Non-trivial BN statistics, so a round trip that loses buffers would change the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
-
 def _model(arch: str, shape: tuple[int, int, int], num_classes: int = 10) -> ImageClassifier:
     torch.manual_seed(0)
     c = shape[0]
     man = ModelManifest(arch=arch, num_classes=num_classes, input_shape=shape, mean=(0.4,) * c, std=(0.25,) * c)
-    return _randomise_bn(build_model(man))
+    return randomise_bn(build_model(man))
 
 
 ROUND_TRIPS = [  # every format × several architectures, 1 and 3 channels, 28–64 px (kept small: CPU time)
@@ -257,7 +248,7 @@ def _export(module: nn.Module, shape: tuple[int, int, int], path: Path, dynamic:
 @pytest.fixture(scope="module")
 def residual_pt2(tmp_path_factory) -> tuple[Path, nn.Module]:
     torch.manual_seed(0)
-    net = _randomise_bn(ResidualCNN())  # type: ignore[arg-type]
+    net = randomise_bn(ResidualCNN())  # type: ignore[arg-type]
     path = _export(net, (3, 32, 32), tmp_path_factory.mktemp("pt2") / "residual.pt2")
     return path, net
 

@@ -8,6 +8,7 @@ from torch import nn
 from onp_core.models import ARCHITECTURES, ImageClassifier, ModelManifest, build_model, load_model, save_model
 from onp_core.neurons import discover_neurons, masked, prune
 from onp_core.neurons.probe import MaskedNet
+from model_helpers import randomise_bn
 
 
 class _ResidualNet(nn.Module):
@@ -26,24 +27,10 @@ class _ResidualNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def _randomise_bn(model: nn.Module) -> None:
-    """Give BN layers non-trivial statistics so masking differences are visible."""
-    g = torch.Generator().manual_seed(0)
-    for name, buf in model.named_buffers():
-        if name.endswith("running_mean"):
-            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-        elif name.endswith("running_var"):
-            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
-    for name, p in model.named_parameters():
-        if name.endswith("bias") and p.ndim == 1:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_mask_on_weights_equals_mask_on_activations(arch: str) -> None:
     model = build_model(ModelManifest(arch=arch, num_classes=10, input_shape=(3, 32, 32))).eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     neurons = discover_neurons(model, (3, 32, 32))
     assert len(neurons) > 0 and neurons.total > 0
     probe = MaskedNet(neurons)
@@ -86,7 +73,7 @@ def test_resnet_residual_groups_tie_channels_across_blocks() -> None:
 
 def test_unknown_residual_pt2_program(tmp_path) -> None:
     net = _ResidualNet().eval()
-    _randomise_bn(net)
+    randomise_bn(net)
     manifest = ModelManifest(arch="exported", num_classes=5, input_shape=(3, 32, 32))
     save_model(ImageClassifier(net, manifest), tmp_path / "m.pt2", "pt2")
     loaded = load_model(tmp_path / "m.pt2")

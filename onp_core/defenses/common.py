@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
+from ..data.augment import augment
 from ..data.dataset import ImageSet
 from ..neurons import NeuronMap, prune
 from ..neurons.discover import _op_name, trace_graph
@@ -45,24 +46,6 @@ class Tensors:
 
     def __len__(self) -> int:
         return len(self.y)
-
-
-def augment(x: torch.Tensor, padding: int, hflip: bool, g: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding + optional random horizontal flip, vectorised (any device)."""
-    n, _, h, w = x.shape
-    if padding:
-        padded = F.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).view(n, 1, h, 1)
-        cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).view(n, 1, 1, w)
-        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-        chans = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-        x = padded[batch, chans, rows, cols]
-    if hflip:
-        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-    return x
 
 
 def crop_padding(input_shape: Sequence[int]) -> int:
