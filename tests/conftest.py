@@ -18,11 +18,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 CIFAR_BADNETS = SubjectSpec(arch="small_cnn", dataset="cifar10", attack="badnets", epochs=8)
 FMNIST_BADNETS = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="badnets", epochs=4)
+FMNIST_WANET = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="wanet", epochs=4)
 FMNIST_CLEAN = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack=None, epochs=2)
 
 
 _SUBJECT_FIXTURES = {"cifar_badnets_subject": CIFAR_BADNETS, "fmnist_badnets_subject": FMNIST_BADNETS,
-                     "fmnist_clean_subject": FMNIST_CLEAN}
+                     "fmnist_clean_subject": FMNIST_CLEAN, "fmnist_wanet_subject": FMNIST_WANET}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -44,6 +45,12 @@ def cifar_badnets_subject() -> Subject:
 @pytest.fixture(scope="session")
 def fmnist_badnets_subject() -> Subject:
     return cached_subject(FMNIST_BADNETS)
+
+
+@pytest.fixture(scope="session")
+def fmnist_wanet_subject() -> Subject:
+    """A full-image, warp-shaped trigger: what the mask family alone did not detect."""
+    return cached_subject(FMNIST_WANET)
 
 
 @pytest.fixture(scope="session")

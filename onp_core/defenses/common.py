@@ -7,7 +7,7 @@ Everything here works on any model the engine can load — registry ``nn.Module`
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,11 +387,14 @@ class FinetuneSettings:
 
 def finetune_keeping_pruned(net: nn.Module, neurons: NeuronMap, pruned: Mapping[int, Sequence[int]], train: Tensors,
                             held: Tensors, settings: FinetuneSettings, trace: list[dict[str, Any]] | None = None,
-                            progress: Any = None) -> None:
+                            progress: Any = None,
+                            batch_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Train the whole ``net`` on clean data; the pruned channels are re-zeroed after every step.
 
     Shared by Fine-Pruning (its third stage) and ONP's optional fine-tune, so both report
-    the same per-epoch trace (loss, train accuracy, held-out accuracy).
+    the same per-epoch trace (loss, train accuracy, held-out accuracy). ``batch_transform``
+    (x, y) → x changes the training images, labels kept (ONP stamps synthesised triggers
+    on some of them, so the fine-tune unlearns the shortcut instead of relearning it).
     """
     params = list(net.parameters())
     for p in params:
@@ -404,6 +407,8 @@ def finetune_keeping_pruned(net: nn.Module, neurons: NeuronMap, pruned: Mapping[
             set_training(net, True)
             correct, seen, loss_sum = 0, 0, 0.0
             for x, y in sampler.epoch():
+                if batch_transform is not None:
+                    x = batch_transform(x, y)
                 opt.zero_grad(set_to_none=True)
                 out = net(x)
                 loss = F.cross_entropy(out, y)

@@ -30,7 +30,8 @@ from .features import FEATURE_NAMES, anp_masks, compute_features, rnp_masks, unl
 from .gnn import PolicyValueNet
 from .graph import build_graphs
 from .reward import SCORES, Reward, make_score
-from .synth import activation_gain, synthesize_triggers
+from .families import FAMILIES
+from .synth import TriggerSet, activation_gain, stamp_some, synthesize_triggers
 
 NAME = "onp"
 DEFAULT_FEATURES = tuple(f for f in FEATURE_NAMES if f not in ("anp_mask", "rnp_mask"))
@@ -69,9 +70,12 @@ class Config(DefenseConfig):
     synth_restarts: int = Field(2, ge=1, le=8, description="independent syntheses per class, the smallest kept "
                                 "(a single restart missed the planted trigger in 1 of 12 measured runs, docs/ONP.md)")
     synth_per_class: int = Field(8, ge=2, description="images per class per synthesis step")
-    anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log area) at which a class starts to count")
+    synth_families: tuple[Literal["mask", "blend", "warp"], ...] = Field(
+        FAMILIES, min_length=1, description="trigger families searched: local patches, full-image blends, smooth "
+        "warps (mask alone missed the Blended and WaNet subjects, docs/ONP.md)")
+    anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log cost) at which a class starts to count")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
-    anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-area units)")
+    anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-cost units)")
     effect_neurons: int = Field(64, ge=0, description="neurons whose leave-one-out effect is measured exactly")
     effect_images: int = Field(96, ge=16, description="clean images per leave-one-out measurement")
     reward_samples: int = Field(512, ge=32, description="clean images per reward evaluation (speed)")
@@ -79,6 +83,8 @@ class Config(DefenseConfig):
     max_prune_fraction: float = Field(0.1, gt=0, le=1, description="candidates pruning more are discarded")
     rounds: int = Field(1, ge=1, le=10, description="synthesise → search → prune rounds, while a class stays anomalous")
     finetune_epochs: int = Field(0, ge=0, description="optional fine-tune on the clean data after pruning")
+    finetune_unlearn: float = Field(0.2, ge=0, lt=1, description="share of fine-tuning images stamped with a suspect "
+                                    "class's synthesised trigger, true labels kept (Neural Cleanse's unlearning)")
 
 
 def _keep_key(keep: torch.Tensor) -> bytes:
@@ -249,17 +255,19 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
     trace: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
     pruned_idx: dict[int, list[int]] = {}
+    triggers_seen: list[TriggerSet] = []
     for r in range(cfg.rounds):
         t = time.perf_counter()
         report(progress, 0, cfg.iterations, "synthesize", round=r + 1)
         triggers = synthesize_triggers(ctx, search, num_classes, cfg.synth_steps, cfg.synth_per_class, cfg.seed + r,
                                        cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
-                                       min_spread=cfg.anomaly_min_spread)
+                                       min_spread=cfg.anomaly_min_spread, families=cfg.synth_families)
         timing["synthesize"] = timing.get("synthesize", 0.0) + time.perf_counter() - t
+        triggers_seen.append(triggers)
         info: dict[str, Any] = {"round": r + 1, "triggers": triggers.summary(), "suspects": triggers.suspects}
         rounds.append(info)
         if not triggers.suspects and cfg.score == "synth":
-            info["verdict"] = "no class's synthesised trigger is anomalously small"
+            info["verdict"] = "no class's synthesised trigger is anomalously cheap"
             break
         found = _search_round(ctx, search, holdout, references, triggers, cfg, progress, trace, timing)
         new = {i: torch.nonzero(m == 0).flatten().tolist() for i, m in enumerate(ctx.split_flat(found["keep"]))}
@@ -282,7 +290,7 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         search_t, held_t = Tensors.of(search_set, device), Tensors.of(holdout_set, device)
         finetune_keeping_pruned(model, neurons, pruned_idx, search_t, held_t, FinetuneSettings(
             epochs=cfg.finetune_epochs, seed=cfg.seed + 1, padding=crop_padding(model.manifest.input_shape)),
-            trace, progress)
+            trace, progress, stamp_some(triggers_seen, cfg.finetune_unlearn, cfg.seed))
         # the model itself, not the traced graph: training updated BN running statistics,
         # which the traced graph keeps from the time it was traced
         acc_after = accuracy_of(model, held_t)
@@ -295,7 +303,7 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         "rounds": rounds,
         "triggers": rounds[0]["triggers"],
         "suspects": rounds[0]["suspects"],
-        "verdict": ("no backdoor evidence: no class's synthesised trigger is anomalously small" if not pruned_idx
+        "verdict": ("no backdoor evidence: no class's synthesised trigger is anomalously cheap" if not pruned_idx
                     and "verdict" in rounds[0] else None),
         "neurons_total": ctx.total,
         "layers": [{"name": l.name, "size": l.size, "pruned": len(pruned_idx.get(i, []))}
