@@ -114,7 +114,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "none"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "fashion_mnist"])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
@@ -122,23 +122,31 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help='per-method options JSON, e.g. {"onp": {"iterations": 20}}')
     parser.add_argument("--cached-only", action="store_true", help="skip subjects not yet trained in the cache")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="earlier result JSONs to include in the table (a run of the same subject, method and "
+                             "seed here replaces theirs); with --methods none, only merge")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     options = json.loads(args.options)
+    methods = [m for m in args.methods if m != "none"]
     rows = []
-    for subject in load_zoo(args.profile, args.datasets, args.attacks, cached_only=args.cached_only):
+    for subject in load_zoo(args.profile, args.datasets, args.attacks, cached_only=args.cached_only) if methods else []:
         for seed in args.seeds:
-            for method in args.methods:
+            for method in methods:
                 row = run_one(subject, method, seed, args.n_clean, options)
                 rows.append(row)
                 print(f"{row['subject']} seed {seed} {method}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
                       f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
+    fresh = {(r["subject"], r["method"], r["seed"]) for r in rows}
+    for path in args.merge:
+        rows += [r for r in json.loads(path.read_text()) if (r["subject"], r["method"], r["seed"]) not in fresh]
     args.out.mkdir(parents=True, exist_ok=True)
+    merged = f" (merged with {' '.join(str(p) for p in args.merge)})" if args.merge else ""
     header = (f"## {args.profile} profile — {date.today()} — {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
               f"Command: `python -m bench.compare --profile {args.profile} --seeds {' '.join(map(str, args.seeds))} "
               f"--methods {' '.join(args.methods)} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}"
-              f"{' --cached-only' if args.cached_only else ''} --options '{args.options}'`")
+              f"{' --cached-only' if args.cached_only else ''} --options '{args.options}'`{merged}")
     (args.out / f"{args.profile}.json").write_text(json.dumps(rows, indent=2))
     (args.out / f"{args.profile}.md").write_text(markdown(rows, header))
     plot(rows, args.out / f"{args.profile}.png")
