@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from onp_core.data import ImageSet, balanced_subset, load_dataset
 from onp_core.defenses import RepairCancelled, get_defense, run_repair

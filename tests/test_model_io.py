@@ -248,7 +248,7 @@ def _export(module: nn.Module, shape: tuple[int, int, int], path: Path, dynamic:
 @pytest.fixture(scope="module")
 def residual_pt2(tmp_path_factory) -> tuple[Path, nn.Module]:
     torch.manual_seed(0)
-    net = randomise_bn(ResidualCNN())  # type: ignore[arg-type]
+    net = randomise_bn(ResidualCNN())
     path = _export(net, (3, 32, 32), tmp_path_factory.mktemp("pt2") / "residual.pt2")
     return path, net
 

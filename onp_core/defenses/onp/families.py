@@ -34,15 +34,31 @@ from .context import Batch, ModelContext
 FAMILIES = ("mask", "blend", "warp")
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """Per-family optimiser constants; λ is in units of the family's cost."""
+
+    lr: float  # Adam step
+    lam_init: float  # starting weight of the cost
+    lam_max: float  # ceiling of NC's λ schedule
+    never_cost: str  # cost of a class whose trigger never worked: "area" (H·W), "one" or "height" (H px)
+
+
+# mask: lr 0.5 from a 27%-coverage start found the planted 5–6 px BadNets trigger in 8 of 8
+# restarts (docs/ONP.md §1), λ in pixels as in Neural Cleanse; the low-dimensional families
+# (one opacity, or 32 flow values) overshoot at that step and need a larger λ per unit of cost.
+_SCHEDULES = {"mask": _Schedule(0.5, 1e-3, 10.0, "area"), "blend": _Schedule(0.1, 1.0, 100.0, "one"),
+              "warp": _Schedule(0.05, 1.0, 100.0, "height")}
+
+
 @dataclass
 class FamilyResult:
     """Each class's cheapest working trigger in one family (restarts already reduced)."""
 
     family: str
-    cost: torch.Tensor  # [K]; a class whose trigger never worked gets ``never_cost``
+    cost: torch.Tensor  # [K]; a class whose trigger never worked gets its family's ``never_cost``
     success: torch.Tensor  # [K] hit rate of the kept trigger on its synthesis images
     params: dict[str, torch.Tensor]  # per-class tensors, first dim K (see ``stamp``)
-    restart_cost: torch.Tensor  # [R, K] each restart's cheapest working cost (inf: none)
 
 
 def _identity_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -115,14 +131,12 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
                     lr: float | None = None, mask_init: float = -1.0) -> FamilyResult:
     """The cheapest working trigger of every class in ``family``; see the module docstring.
 
-    ``lr`` defaults per family: 0.5 for the per-pixel mask (a mask that starts at 27%
-    coverage with a large step found the planted 5–6 px BadNets trigger in 8 of 8
-    restarts, docs/ONP.md §1), 0.1 for the two low-dimensional families (one opacity,
-    or 32 flow values), which overshoot at 0.5.
+    ``lr`` overrides the family's default Adam step (``_SCHEDULES``).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown trigger family {family!r}; one of {FAMILIES}")
-    lr = lr if lr is not None else (0.5 if family == "mask" else 0.1 if family == "blend" else 0.05)
+    sched = _SCHEDULES[family]
+    lr = lr if lr is not None else sched.lr
     g = torch.Generator().manual_seed(seed)
     dev = ctx.device
     x_all, y_all = batch.x, batch.y.cpu()
@@ -135,9 +149,7 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
     slot_pools = [pools[int(t)] for t in owner]
     slots = _Slots(family, n, shape, g, dev, mask_init)
     opt = torch.optim.Adam(slots.tensors, lr=lr, betas=(0.5, 0.9))
-    # λ in units of the cost: pixels for a mask (NC's range), an opacity or pixels of flow otherwise
-    lam = torch.full((n,), 1e-3 if family == "mask" else 1.0, device=dev)
-    lam_max = 10.0 if family == "mask" else 100.0
+    lam = torch.full((n,), sched.lam_init, device=dev)
     best_cost = torch.full((n,), float("inf"), device=dev)
     best_succ = torch.zeros(n, device=dev)
     best = slots.snapshot()
@@ -158,7 +170,7 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
                 for name in best:
                     best[name][better] = now[name][better]
             if step >= steps // 10:  # NC's schedule: trade cost for success once the patterns took shape
-                lam_next = torch.where(ok, lam * 1.2, lam / 1.2 ** 1.5).clamp(1e-5, lam_max)
+                lam_next = torch.where(ok, lam * 1.2, lam / 1.2 ** 1.5).clamp(1e-5, sched.lam_max)
             else:
                 lam_next = lam
         loss = (ce + lam * cost).sum()
@@ -166,10 +178,8 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
         loss.backward()
         opt.step()
         lam = lam_next
-    restart_cost = best_cost.view(restarts, k).cpu()
     slot = best_cost.view(restarts, k).argmin(0) * k + torch.arange(k, device=dev)
     cost, success = best_cost[slot], best_succ[slot]
-    never = {"mask": float(shape[1] * shape[2]), "blend": 1.0, "warp": float(shape[1])}[family]
+    never = {"area": float(shape[1] * shape[2]), "one": 1.0, "height": float(shape[1])}[sched.never_cost]
     cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, never))
-    return FamilyResult(family, cost.cpu(), success.cpu(), {name: v[slot].detach().cpu() for name, v in best.items()},
-                        restart_cost)
+    return FamilyResult(family, cost.cpu(), success.cpu(), {name: v[slot].detach().cpu() for name, v in best.items()})

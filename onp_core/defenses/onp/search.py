@@ -26,11 +26,11 @@ from ..common import FinetuneSettings, Tensors, accuracy_of, crop_padding, finet
 from .agent import Episode, imitate, policy_loss, prior_probabilities, run_episode
 from .context import Batch, ModelContext
 from .effects import neuron_effects
+from .families import FAMILIES
 from .features import FEATURE_NAMES, anp_masks, compute_features, rnp_masks, unlearn
 from .gnn import PolicyValueNet
 from .graph import build_graphs
 from .reward import SCORES, Reward, make_score
-from .families import FAMILIES
 from .synth import TriggerSet, activation_gain, stamp_some, synthesize_triggers
 
 NAME = "onp"

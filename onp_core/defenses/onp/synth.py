@@ -133,9 +133,9 @@ def stamp_some(trigger_sets: list[TriggerSet], share: float, seed: int
     def transform(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pick = torch.rand(len(x), generator=g) < share
         which = torch.multinomial(probs, len(x), replacement=True, generator=g)
-        x = x.clone()
+        x, y = x.clone(), y.cpu()
         for j, (ts, k, _) in enumerate(pool):
-            rows = torch.nonzero(pick & (which == j) & (y.cpu() != k)).flatten().to(x.device)
+            rows = torch.nonzero(pick & (which == j) & (y != k)).flatten().to(x.device)
             if len(rows):
                 x[rows] = ts.apply(k, x[rows])
         return x
