@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -24,20 +25,30 @@ import torch
 from onp_core.data import balanced_subset, load_dataset
 from onp_core.defenses import METHODS, run_repair
 from onp_core.metrics import Metrics, der, evaluate
+from onp_core.models import ImageClassifier, load_model, save_model
 
-from .zoo import ATTACKS, load_zoo
+from .zoo import ATTACKS, PROFILES, load_zoo
 
 
-def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[str, Any]) -> dict[str, Any]:
+def as_exported_program(model: ImageClassifier) -> ImageClassifier:
+    """The model as a user with an unregistered architecture uploads it: a ``torch.export`` .pt2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_model(model, Path(tmp) / "model.pt2", "pt2")
+        return load_model(path).model
+
+
+def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[str, Any],
+            as_pt2: bool = False) -> dict[str, Any]:
     test, triggered = subject.test_sets()
     clean = balanced_subset(load_dataset(subject.spec.dataset, "train"), n_clean, seed=100 + seed)
     before = evaluate(subject.model, test, triggered, subject.attack.target)
+    upload = as_exported_program(subject.model) if as_pt2 else subject.model
     t = time.perf_counter()
-    result = run_repair(subject.model, clean, method, {"seed": seed, **options.get(method, {})})
+    result = run_repair(upload, clean, method, {"seed": seed, **options.get(method, {})})
     seconds = time.perf_counter() - t
     after = evaluate(result.model, test, triggered, subject.attack.target)
     row = {"subject": subject.spec.key(), "dataset": subject.spec.dataset, "attack": subject.spec.attack,
-           "method": method, "seed": seed, "acc_before": before.acc, "asr_before": before.asr,
+           "arch": subject.spec.arch + (" (.pt2)" if as_pt2 else ""), "method": method, "seed": seed, "acc_before": before.acc, "asr_before": before.asr,
            "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
            "pruned": result.num_pruned, "seconds": seconds}
     if method == "anp":
@@ -113,13 +124,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "none"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "fashion_mnist"])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--n-clean", type=int, default=500)
     parser.add_argument("--options", default="{}", help='per-method options JSON, e.g. {"onp": {"iterations": 20}}')
+    parser.add_argument("--as-pt2", action="store_true", help="repair each subject as an exported .pt2 program "
+                        "(the path of an architecture the registry does not know)")
     parser.add_argument("--cached-only", action="store_true", help="skip subjects not yet trained in the cache")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
@@ -133,7 +146,7 @@ def main() -> None:
     for subject in load_zoo(args.profile, args.datasets, args.attacks, cached_only=args.cached_only) if methods else []:
         for seed in args.seeds:
             for method in methods:
-                row = run_one(subject, method, seed, args.n_clean, options)
+                row = run_one(subject, method, seed, args.n_clean, options, args.as_pt2)
                 rows.append(row)
                 print(f"{row['subject']} seed {seed} {method}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
                       f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
@@ -146,7 +159,7 @@ def main() -> None:
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
               f"Command: `python -m bench.compare --profile {args.profile} --seeds {' '.join(map(str, args.seeds))} "
               f"--methods {' '.join(args.methods)} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}"
-              f"{' --cached-only' if args.cached_only else ''} --options '{args.options}'`{merged}")
+              f"{' --cached-only' if args.cached_only else ''}{' --as-pt2' if args.as_pt2 else ''} --options '{args.options}'`{merged}")
     (args.out / f"{args.profile}.json").write_text(json.dumps(rows, indent=2))
     (args.out / f"{args.profile}.md").write_text(markdown(rows, header))
     plot(rows, args.out / f"{args.profile}.png")

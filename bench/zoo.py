@@ -3,8 +3,12 @@
     .venv/bin/python -m bench.zoo --profile cpu [--datasets cifar10 fashion_mnist] [--attacks badnets ...]
 
 The cpu profile is small CNN × {BadNets, Blended, WaNet, SIG} × {CIFAR-10, Fashion-MNIST},
-10% poisoning, target 0. The gpu profile trains PreAct-ResNet18 and VGG16-BN on
-CIFAR-10 (BackdoorBench protocol) and is meant for a machine with a GPU.
+10% poisoning, target 0. The residual profile is the held-out check of ONP's defaults on
+what they were not set on: a PreAct-ResNet18 of width 16 (residual adds, BN before conv)
+on CIFAR-10, another target class (7) and another poison rate (5%); ``bench.compare
+--as-pt2`` repairs it as an exported program, as a user with an unknown architecture
+would upload it. The gpu profile trains PreAct-ResNet18 and VGG16-BN on CIFAR-10
+(BackdoorBench protocol) and is meant for a machine with a GPU.
 """
 from __future__ import annotations
 
@@ -21,12 +25,16 @@ from onp_core.subjects import Subject, SubjectSpec, cached_subject, is_cached
 
 EPOCHS = {"cifar10": 8, "fashion_mnist": 4}
 ATTACKS = ("badnets", "blended", "wanet", "sig")
+PROFILES = ("cpu", "residual", "gpu")
 
 
 def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int = 0) -> list[SubjectSpec]:
     if profile == "cpu":
         return [SubjectSpec(arch="small_cnn", dataset=d, attack=a, epochs=EPOCHS[d], seed=seed)
                 for d in datasets for a in attacks]
+    if profile == "residual":
+        return [SubjectSpec(arch="preact_resnet18_w16", dataset="cifar10", attack=a, target=7, poison_rate=0.05,
+                            epochs=6, seed=seed) for a in attacks if "cifar10" in datasets]
     return [SubjectSpec(arch=arch, dataset="cifar10", attack=a, epochs=60, seed=seed, lr=0.1)
             for arch in ("preact_resnet18", "vgg16_bn") for a in attacks]
 
@@ -42,7 +50,7 @@ def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "fashion_mnist"])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--out", type=Path, default=Path("docs/zoo.json"))

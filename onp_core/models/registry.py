@@ -23,6 +23,7 @@ ArchBuilder = Callable[[int, int], nn.Module]
 ARCHITECTURES: dict[str, ArchBuilder] = {
     "small_cnn": lambda n, c: SmallCNN(n, c),
     "preact_resnet18": lambda n, c: PreActResNet18(n, c),
+    "preact_resnet18_w16": lambda n, c: PreActResNet18(n, c, width=16),
     "resnet18": lambda n, c: ResNet18(n, c),
     "vgg16_bn": lambda n, c: VGG("vgg16_bn", n, c),
     "vgg19_bn": lambda n, c: VGG("vgg19_bn", n, c),
