@@ -228,3 +228,25 @@ def test_onp_repairs_an_unknown_pt2_program_and_saves_it_back(tmp_path) -> None:
     again = load_model(tmp_path / "out.pt2")
     x = clean.float()[:8]
     assert torch.allclose(again.model(x), result.model(x), atol=1e-5)
+
+
+def test_reattack_keeps_each_family_within_its_cost_budget(fmnist_badnets_subject, fmnist_clean_500) -> None:
+    """The re-attack may move a suspect's trigger but never past budget × its synthesised cost,
+    so a follow-up round's evidence is a trigger as cheap as the one that was flagged."""
+    from onp_core.defenses.onp.context import Batch, ModelContext
+    from onp_core.defenses.onp.families import FAMILIES, optimise_family
+    from onp_core.defenses.onp.reattack import reattack
+    from onp_core.defenses.onp.synth import combine_families
+
+    ctx = ModelContext(fmnist_badnets_subject.model, torch.device("cpu"))
+    batch = Batch.from_set(fmnist_clean_500, torch.device("cpu"))
+    cost_of = {"mask": lambda p: float(p["mask"].sum()), "blend": lambda p: float(p["mask"].flatten()[0]),
+               "warp": lambda p: float(p["flow"].abs().mean() * 28 / 2)}
+    for family in FAMILIES:
+        ts = combine_families([optimise_family(ctx, batch, 10, family, steps=20, restarts=1)], 1.5, 2.5, 0.5)
+        ts.weights.zero_()
+        ts.weights[0] = 1.0
+        out = reattack(ctx, ts, batch, steps=10, budget=2.0, images=32)
+        assert cost_of[family](out.params[0]) <= 2.0 * float(ts.cost[0]) * 1.001 + 1e-6, family
+        assert out.params[3] is ts.params[3], "non-suspects keep their trigger"
+        assert 0.0 <= float(out.success[0]) <= 1.0
