@@ -181,7 +181,7 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
                   timing: dict[str, float], lambda_drop: float | None = None) -> dict[str, Any]:
     """Effects → features → graphs → RL (or greedy) search → selection, against one trigger set.
 
-    ``lambda_drop`` overrides the flip-penalty slope (the re-attack rounds use a steeper one).
+    ``lambda_drop`` overrides the flip-penalty slope (a re-attack round's is × ``reattack_drop_factor``).
     """
     lambda_drop = cfg.lambda_drop if lambda_drop is None else lambda_drop
     num_classes = ctx.model.manifest.num_classes
@@ -262,6 +262,9 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
     while a class is still anomalous, another round searches against the new triggers
     (a fixed synthesised trigger stops carrying signal once it is broken, even when
     the real backdoor is only partly cut — measured on CIFAR-10, docs/ONP.md).
+    Within a round, after its pruning, ``reattack_rounds`` follow-up searches run against
+    the suspects' triggers re-optimised on the pruned network within their synthesised
+    cost (``reattack.py``, docs/ONP.md §1e).
     """
     cfg = config or Config()
     if cfg.score not in SCORES:
