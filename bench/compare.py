@@ -48,7 +48,8 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
     seconds = time.perf_counter() - t
     after = evaluate(result.model, test, triggered, subject.attack.target)
     row = {"subject": subject.spec.key(), "dataset": subject.spec.dataset, "attack": subject.spec.attack,
-           "arch": subject.spec.arch + (" (.pt2)" if as_pt2 else ""), "method": method, "seed": seed, "acc_before": before.acc, "asr_before": before.asr,
+           "arch": subject.spec.arch + (" (.pt2)" if as_pt2 else ""), "method": method, "seed": seed,
+           "acc_before": before.acc, "asr_before": before.asr,
            "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
            "pruned": result.num_pruned, "seconds": seconds}
     if method == "anp":
@@ -159,7 +160,8 @@ def main() -> None:
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
               f"Command: `python -m bench.compare --profile {args.profile} --seeds {' '.join(map(str, args.seeds))} "
               f"--methods {' '.join(args.methods)} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}"
-              f"{' --cached-only' if args.cached_only else ''}{' --as-pt2' if args.as_pt2 else ''} --options '{args.options}'`{merged}")
+              f"{' --cached-only' if args.cached_only else ''}{' --as-pt2' if args.as_pt2 else ''} "
+              f"--options '{args.options}'`{merged}")
     (args.out / f"{args.profile}.json").write_text(json.dumps(rows, indent=2))
     (args.out / f"{args.profile}.md").write_text(markdown(rows, header))
     plot(rows, args.out / f"{args.profile}.png")

@@ -11,17 +11,14 @@ little. Only clean images are used.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from .context import Batch, ModelContext
-from .families import _identity_grid, stamp
+from .families import stamp
 from .synth import TriggerSet
-
-
-def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-3, 1 - 1e-3)
-    return (p / (1 - p)).log()
 
 
 def _within(value: torch.Tensor, cost: torch.Tensor, limit: float) -> torch.Tensor:
@@ -37,31 +34,23 @@ def _reattack_one(ctx: ModelContext, family: str, params: dict[str, torch.Tensor
     limit = budget * cost0
     if family == "warp":
         coarse = F.adaptive_avg_pool2d(params["flow"].permute(2, 0, 1)[None].to(dev), 4).detach().requires_grad_(True)
-        ident = _identity_grid(h, w, dev)
 
         def make() -> dict[str, torch.Tensor]:
             flow = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)[0]
             return {"flow": _within(flow, flow.abs().mean() * h / 2, limit)}
-
-        def apply(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            grid = (ident + p["flow"][None]).clamp(-1, 1)
-            return F.grid_sample(x, grid.expand(len(x), -1, -1, -1), align_corners=True)
         tensors = [coarse]
     else:
-        m_logit = _logit(params["mask"].to(dev)).requires_grad_(True)
-        p_logit = _logit(params["pattern"].to(dev)).requires_grad_(True)
+        m_logit = torch.logit(params["mask"].to(dev), eps=1e-3).requires_grad_(True)
+        p_logit = torch.logit(params["pattern"].to(dev), eps=1e-3).requires_grad_(True)
 
         def make() -> dict[str, torch.Tensor]:
             m = torch.sigmoid(m_logit)
             cost = m.sum() if family == "mask" else m.flatten()[0]
             return {"mask": _within(m, cost, limit), "pattern": torch.sigmoid(p_logit)}
-
-        def apply(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return (1 - p["mask"]) * x + p["mask"] * p["pattern"]
         tensors = [m_logit, p_logit]
     opt = torch.optim.Adam(tensors, lr=lr, betas=(0.5, 0.9))
     for _ in range(steps):
-        loss = F.cross_entropy(ctx.net(apply(make())), target)
+        loss = F.cross_entropy(ctx.net(stamp(family, make(), x, boost=False)), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -82,9 +71,7 @@ def reattack(ctx: ModelContext, triggers: TriggerSet, batch: Batch, steps: int =
         new = _reattack_one(ctx, triggers.family[k], triggers.params[k], float(triggers.cost[k]), k, x, steps,
                             budget, lr)
         params[k] = new
-        hit = ctx.logits(None, stamp(triggers.family[k], new, x.to(ctx.device), boost=False))
+        hit = ctx.logits(None, stamp(triggers.family[k], new, x, boost=False))
         success[k] = float((hit.argmax(1) == k).float().mean())
-    return TriggerSet(family=list(triggers.family), params=params, cost=triggers.cost.clone(), success=success,
-                      anomaly=triggers.anomaly.clone(), weights=triggers.weights.clone(),
-                      by_family=triggers.by_family)
+    return replace(triggers, params=params, success=success)
 
