@@ -25,7 +25,7 @@ def _mask_and_tap(out: torch.Tensor, mask: torch.Tensor | None, tap: list | None
             shape[1] = mask.shape[0]
         else:
             shape[0], shape[1] = mask.shape[0], mask.shape[1]
-        out = out * mask.view(shape)
+        out = out * mask.view(shape).to(out.dtype)
     if tap is not None:
         tap.append(out)
     return out

@@ -72,7 +72,8 @@ def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor, fn
         per_sample = masks.repeat_interleave(n, 0)
         ctx.net.set_masks(ctx.split_flat_batched(per_sample))
         try:
-            logits = ctx.net(x.repeat(len(idx), *([1] * (x.ndim - 1))))
+            with ctx.fast():
+                logits = ctx.net(x.repeat(len(idx), *([1] * (x.ndim - 1)))).float()
         finally:
             ctx.net.set_masks(None)
         out.append(fn(logits.view(len(idx), n, -1)))

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ...data.dataset import ImageSet
-from ...device import resolve_device
+from ...device import resolve_device, use_bf16
 from ...models import ImageClassifier
 from ...neurons import prune
 from ..base import DefenseConfig, ProgressCallback, RepairResult, Timer, clean_splits, report, working_copy
@@ -92,6 +92,9 @@ class Config(DefenseConfig):
     reattack_drop_factor: float = Field(1.0, ge=1, description="the re-attack round's flip-penalty slope, × "
                                         "lambda_drop (× 10 kept FMNIST WaNet's accuracy but left FMNIST BadNets at "
                                         "15.6% ASR, docs/ONP.md §1e)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="precision of the search's gradient-free forwards (rewards, effects): auto = bf16 where "
+        "the hardware runs it natively (AVX512-BF16/AMX CPUs, GPUs); CIFAR-10 small-CNN repair 65.7 → 43.0 s, docs/ONP.md")
     finetune_epochs: int = Field(0, ge=0, description="optional fine-tune on the clean data after pruning")
     finetune_unlearn: float = Field(0.2, ge=0, lt=1, description="share of fine-tuning images stamped with a suspect "
                                     "class's synthesised trigger, true labels kept (Neural Cleanse's unlearning)")
@@ -191,7 +194,7 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
 
     def unlearned() -> ModelContext:
         if not unlearned_cache:
-            unlearned_cache.append(ModelContext(unlearn(ctx, search, seed=cfg.seed), ctx.device))
+            unlearned_cache.append(ModelContext(unlearn(ctx, search, seed=cfg.seed), ctx.device, bf16=ctx.bf16))
         return unlearned_cache[0]
 
     effects = neuron_effects(ctx, triggers, search, cfg.effect_neurons, cfg.effect_images)
@@ -281,7 +284,7 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
     num_classes = model.manifest.num_classes
     report(progress, 0, cfg.iterations, "trace")
     t = time.perf_counter()
-    ctx = ModelContext(model, device)
+    ctx = ModelContext(model, device, bf16=use_bf16(cfg.precision, device))
     neurons = ctx.neurons
     timing["trace"] = time.perf_counter() - t
     references = (ctx.logits(None, search.x).argmax(1), ctx.logits(None, holdout.x).argmax(1))
@@ -337,6 +340,7 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
     pruned = {neurons.layers[i].name: v for i, v in pruned_idx.items()}
     details = {
         "timing": {k: round(v, 2) for k, v in timing.items()},
+        "precision": "bf16" if ctx.bf16 else "fp32",
         "reward_calls": sum(x.get("reward_calls", 0) for x in rounds),
         "rounds": rounds,
         "triggers": rounds[0]["triggers"],
