@@ -55,7 +55,7 @@ def test_onp_leaves_a_clean_model_alone(fmnist_clean_subject, fmnist_clean_500) 
     index 1.39 over the families) and nothing is pruned.
     Its shirt and bag classes do have small natural triggers (an earlier synthesis
     scored them like a planted one and ONP lost up to 3.5 points; session 6's training put
-    the bag at index 1.9, and with the bar at 1.5 ONP lost 6.1 points); the bound here is the
+    the bag at index 1.9, and ONP lost 1.2–3.2 points over four runs); the bound here is the
     reward guard's promise for such a case (a handful of neurons, a few points), so a
     retrained model whose natural trigger crosses the bar still passes if the guard holds.
     """

@@ -6,7 +6,6 @@ weight copies, and the per-layer sizes are flattened into one global neuron inde
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +61,9 @@ class ModelContext:
         """Per-sample flat keep-masks [B, total] → per-layer [B, C] masks (one mask per image)."""
         return [flat[:, self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.sizes))]
 
-    def fast(self) -> contextlib.AbstractContextManager:
-        """The precision for forwards that only rank or count (see the class docstring)."""
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+    def fast(self, exact: bool = False) -> torch.autocast:
+        """The precision for forwards that only rank or count (see the class docstring); float32 when ``exact``."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not exact)
 
     @torch.no_grad()
     def logits(self, flat_mask: torch.Tensor | None, x: torch.Tensor, chunk: int = 1024,
@@ -74,7 +71,7 @@ class ModelContext:
         """Float32 logits under a flat keep-mask, at the ranking precision unless ``exact`` (reported numbers)."""
         self.net.set_masks(None if flat_mask is None else self.split_flat(flat_mask.to(self.device)))
         try:
-            with contextlib.nullcontext() if exact else self.fast():
+            with self.fast(exact):
                 return torch.cat([self.net(x[i:i + chunk]) for i in range(0, len(x), chunk)]).float()
         finally:
             self.net.set_masks(None)
