@@ -89,3 +89,39 @@ def test_unknown_residual_pt2_program(tmp_path) -> None:
     save_model(loaded.model, tmp_path / "pruned.pt2", "pt2")
     again = load_model(tmp_path / "pruned.pt2")
     assert torch.allclose(again.model(x), after, atol=1e-5)
+
+
+def _prefix_reuse_matches(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    from onp_core.defenses.onp.context import ModelContext
+
+    ctx = ModelContext(model, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, *input_shape, generator=g)
+    cache = ctx.prefix_cache(x)
+    firsts = set()
+    n = len(ctx.sizes)
+    for layer in sorted({round(i * (n - 1) / 5) for i in range(6)}):  # first pruned layer: six cuts, ends included
+        keep = torch.ones(ctx.total)
+        keep[ctx.offsets[layer]] = 0
+        later = torch.rand(ctx.total, generator=g) > 0.9
+        keep[ctx.offsets[layer] + 1:][later[ctx.offsets[layer] + 1:]] = 0
+        firsts.add(ctx.net.first_masked_layer(ctx.split_flat(keep)))
+        assert torch.allclose(cache.logits(keep), ctx.logits(keep, x), atol=1e-5)
+    assert torch.equal(cache.logits(None), ctx.logits(None, x))
+    assert len(cache.saved) == len(firsts) > 1, "each cut's prefix is computed once and reused"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_prefix_reuse_gives_the_full_forward_logits(arch: str) -> None:
+    """The ONP rewards' prefix reuse (run the graph only from the first pruned layer on) is exact."""
+    model = build_model(ModelManifest(arch=arch, num_classes=10, input_shape=(3, 32, 32))).eval()
+    randomise_bn(model)
+    _prefix_reuse_matches(model, (3, 32, 32))
+
+
+def test_prefix_reuse_on_an_unknown_residual_pt2_program(tmp_path) -> None:
+    net = _ResidualNet().eval()
+    randomise_bn(net)
+    save_model(ImageClassifier(net, ModelManifest(arch="exported", num_classes=5, input_shape=(3, 32, 32))),
+               tmp_path / "m.pt2", "pt2")
+    _prefix_reuse_matches(load_model(tmp_path / "m.pt2").model, (3, 32, 32))

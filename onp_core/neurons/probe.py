@@ -69,14 +69,83 @@ class MaskedNet(nn.Module):
                 new = graph.call_function(_mask_and_tap, (out, mask_node, tap_node))
             out.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         self.gm.recompile()
+        self._mask_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target is _mask_and_tap]
+        self._tails: dict[int, fx.GraphModule] = {}
+        self._heads: dict[int, fx.GraphModule] = {}
+
+    # ------------------------------------------------------------ prefix reuse
+    def _cut(self, i: int) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]]:
+        """(head nodes, tail nodes, boundary): the tail starts at layer ``i``'s mask, the boundary
+        is every head value the tail reads (parameters excepted: the tail reads those itself)."""
+        nodes = list(self.gm.graph.nodes)
+        pos = nodes.index(self._mask_nodes[i])
+        head, tail = nodes[:pos], nodes[pos:]
+        in_tail = set(tail)
+        boundary = [n for n in head if n.op != "get_attr" and any(u in in_tail for u in n.users)]
+        return head, tail, boundary
+
+    def head(self, i: int) -> fx.GraphModule:
+        """x → the boundary values of layer ``i``'s cut (see :meth:`tail`), masks as set."""
+        if i not in self._heads:
+            head, _, boundary = self._cut(i)
+            g = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {}
+            for n in head:
+                env[n] = g.node_copy(n, lambda a: env[a])
+            g.output(tuple(env[b] for b in boundary))
+            self._heads[i] = fx.GraphModule(self.gm, g)
+        return self._heads[i]
+
+    def tail(self, i: int) -> fx.GraphModule:
+        """The graph from layer ``i``'s mask on: boundary values → logits.
+
+        A candidate whose first pruned layer (in execution order) is ``i`` leaves every
+        earlier layer unmasked, so the head's values for a fixed input can be computed once
+        and reused for every such candidate (the ONP search's rewards: docs/ONP.md, Speed).
+        """
+        if i not in self._tails:
+            _, tail, boundary = self._cut(i)
+            g = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {b: g.placeholder(f"boundary_{j}") for j, b in enumerate(boundary)}
+
+            def arg(a: fx.Node) -> fx.Node:
+                if a not in env:  # a parameter read before the cut
+                    env[a] = g.get_attr(str(a.target))
+                return env[a]
+            for n in tail:
+                if n.op == "output":  # exported graphs return a 1-tuple that their pytree codegen unwraps
+                    result = fx.map_arg(n.args[0], arg)
+                    g.output(result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result)
+                else:
+                    env[n] = g.node_copy(n, arg)
+            self._tails[i] = fx.GraphModule(self.gm, g)
+        return self._tails[i]
+
+    def first_masked_layer(self, masks: Sequence[torch.Tensor | None]) -> int | None:
+        """The earliest layer, in execution order, whose mask is not all ones (None: no such layer)."""
+        for i in self._execution_order():
+            m = masks[i]
+            if m is not None and not bool((m == 1).all()):
+                return i
+        return None
+
+    def _execution_order(self) -> list[int]:
+        if not hasattr(self, "_order"):
+            pos = {n: k for k, n in enumerate(self.gm.graph.nodes)}
+            self._order = sorted(range(self.num_layers), key=lambda i: pos[self._mask_nodes[i]])
+        return self._order
+
+    def _graph_modules(self) -> list[fx.GraphModule]:
+        return [self.gm, *self._heads.values(), *self._tails.values()]
 
     def set_masks(self, masks: Sequence[torch.Tensor | None] | dict[int, torch.Tensor] | None) -> None:
         if masks is None:
             masks = {}
         if not isinstance(masks, dict):
             masks = dict(enumerate(masks))
-        for i in range(self.num_layers):
-            setattr(self.gm, f"_onp_mask_{i}", masks.get(i))
+        for module in self._graph_modules():
+            for i in range(self.num_layers):
+                setattr(module, f"_onp_mask_{i}", masks.get(i))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import Batch, ModelContext
-from .synth import TriggerSet, target_probability
+from .synth import TriggerSet, triggered_images
 
 SCORES = ("synth", "unlearn", "perturb", "combined")
 
@@ -84,11 +84,18 @@ class SynthesizedTriggerScore:
     name = "synth"
 
     def __init__(self, ctx: ModelContext, batch: Batch, triggers: TriggerSet, limit: int = 128):
-        self.ctx, self.batch, self.triggers, self.limit = ctx, batch, triggers, limit
+        self.triggers = triggers
+        x, self.owner = triggered_images(triggers, batch, triggers.suspects, limit)
+        self.cache = ctx.prefix_cache(x)
+        # Σ_k w_k · mean_{rows of k} p_k = Σ_rows row_weight · p_row
+        counts = torch.bincount(self.owner, minlength=len(triggers.weights)).clamp_min(1).to(self.owner.device)
+        self.row_weight = triggers.weights.to(self.owner.device)[self.owner] / counts[self.owner]
 
     def __call__(self, keep: torch.Tensor) -> float:
-        probs = target_probability(self.ctx, self.triggers, self.batch, keep, limit=self.limit)
-        return sum(float(self.triggers.weights[k]) * p for k, p in probs.items())
+        if len(self.owner) == 0:
+            return 0.0
+        probs = self.cache.logits(keep).softmax(1).gather(1, self.owner[:, None]).squeeze(1)
+        return float((probs * self.row_weight).sum())
 
 
 def make_score(name: str, ctx: ModelContext, batch: Batch, num_classes: int, triggers: TriggerSet,
@@ -140,11 +147,12 @@ class Reward:
         # flips are counted against ``reference`` (the uploaded model's predictions) so that
         # later repair rounds cannot each spend the tolerance again
         self.pred0 = ctx.logits(None, batch.x).argmax(1) if reference is None else reference
+        self.cache = ctx.prefix_cache(batch.x)
         self.calls = 0
 
     def __call__(self, keep: torch.Tensor) -> RewardInfo:
         self.calls += 1
-        pred = self.ctx.logits(keep, self.batch.x).argmax(1)
+        pred = self.cache.logits(keep).argmax(1)
         acc = float((pred == self.batch.y).float().mean())
         flips = float((pred != self.pred0).float().mean())
         b = self.score(keep)

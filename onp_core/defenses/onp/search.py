@@ -24,6 +24,7 @@ from ...neurons import prune
 from ..base import DefenseConfig, ProgressCallback, RepairResult, Timer, clean_splits, report, working_copy
 from ..common import FinetuneSettings, Tensors, accuracy_of, crop_padding, finetune_keeping_pruned
 from .agent import Episode, imitate, policy_loss, prior_probabilities, run_episode
+from .breakability import weigh_by_breakability
 from .context import Batch, ModelContext
 from .effects import neuron_effects
 from .families import FAMILIES
@@ -77,6 +78,13 @@ class Config(DefenseConfig):
     anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log cost) at which a class starts to count")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
     anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-cost units)")
+    breakability: bool = Field(True, description="scale each secondary suspect's weight by how cheaply pruning its "
+                               "top ≤ 3 neurons halves its target probability; the most breakable suspect keeps its "
+                               "weight (breakability.py; natural shortcuts cannot be cut without wrecking the model, "
+                               "docs/ONP.md §1g)")
+    halving_flips_low: float = Field(0.15, ge=0, le=1, description="share of flipped clean predictions up to which "
+                                     "a suspect keeps its full weight")
+    halving_flips_high: float = Field(0.30, ge=0, le=1, description="… from which it gets no weight")
     effect_neurons: int = Field(64, ge=0, description="neurons whose leave-one-out effect is measured exactly")
     effect_images: int = Field(96, ge=16, description="clean images per leave-one-out measurement")
     reward_samples: int = Field(512, ge=32, description="clean images per reward evaluation (speed)")
@@ -301,8 +309,16 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
                                        cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
                                        min_spread=cfg.anomaly_min_spread, families=cfg.synth_families)
         timing["synthesize"] = timing.get("synthesize", 0.0) + time.perf_counter() - t
+        anomalous = triggers.suspects
+        halving: dict[int, float] = {}
+        if cfg.breakability and anomalous:
+            t = time.perf_counter()
+            triggers, halving = weigh_by_breakability(ctx, triggers, search, references[0], cfg.halving_flips_low,
+                                                      cfg.halving_flips_high)
+            timing["breakability"] = timing.get("breakability", 0.0) + time.perf_counter() - t
         triggers_seen.append(triggers)
-        info: dict[str, Any] = {"round": r + 1, "triggers": triggers.summary(), "suspects": triggers.suspects}
+        info: dict[str, Any] = {"round": r + 1, "triggers": triggers.summary(), "suspects": triggers.suspects,
+                                "anomalous": anomalous, "halving_flips": {k: round(v, 3) for k, v in halving.items()}}
         rounds.append(info)
         if not triggers.suspects and cfg.score == "synth":
             info["verdict"] = "no class's synthesised trigger is anomalously cheap"
@@ -345,8 +361,8 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         "rounds": rounds,
         "triggers": rounds[0]["triggers"],
         "suspects": rounds[0]["suspects"],
-        "verdict": ("no backdoor evidence: no class's synthesised trigger is anomalously cheap" if not pruned_idx
-                    and "verdict" in rounds[0] else None),
+        "verdict": (f"no backdoor evidence: {rounds[0]['verdict']}" if not pruned_idx and "verdict" in rounds[0]
+                    else None),
         "neurons_total": ctx.total,
         "layers": [{"name": l.name, "size": l.size, "pruned": len(pruned_idx.get(i, []))}
                    for i, l in enumerate(neurons.layers)],
