@@ -309,3 +309,29 @@ def test_planted_warp_target_is_cheap_to_cut(fmnist_wanet_subject, fmnist_clean_
     assert float(weighed.weights[0]) == float(triggers.weights[0])
     for k, f in halving.items():  # every other suspect is scaled by its own measurement, never raised
         assert float(weighed.weights[k]) <= float(triggers.weights[k])
+
+
+def test_breakability_never_drops_the_most_breakable_suspect(monkeypatch) -> None:
+    """Only secondary suspects lose weight: a backdoor no three neurons halve (a wide network's,
+    say) must still be searched for when it is the cheapest one to cut (docs/ONP.md §1g)."""
+    from onp_core.defenses.onp import breakability
+    from onp_core.defenses.onp.synth import TriggerSet
+
+    measured = {2: 0.95, 5: 0.20, 7: 0.40}  # all three above flips_low; 2 is the most anomalous
+    monkeypatch.setattr(breakability, "halving_flips", lambda ctx, ts, k, batch, ref: measured[k])
+    anomaly = torch.zeros(10)
+    anomaly[2], anomaly[5], anomaly[7] = 4.0, 3.0, 2.0
+    weights = torch.zeros(10)
+    weights[[2, 5, 7]] = torch.tensor([1.0, 0.8, 1.0])
+    ts = TriggerSet(family=["patch"] * 10, params=[{}] * 10, cost=torch.ones(10), success=torch.ones(10),
+                    anomaly=anomaly, weights=weights)
+    out, halving = breakability.weigh_by_breakability(None, ts, None, None, 0.15, 0.30)
+    assert halving == measured
+    assert float(out.weights[5]) == pytest.approx(0.8), "the most breakable suspect keeps its weight"
+    assert float(out.weights[2]) == 0.0 and float(out.weights[7]) == 0.0, "unbreakable secondaries are dropped"
+    assert out.suspects == [5]
+    measured[5] = 0.25  # 2 becomes the cheapest to cut; 5 is scaled linearly between the bars
+    measured[2] = 0.05
+    out, _ = breakability.weigh_by_breakability(None, ts, None, None, 0.15, 0.30)
+    assert float(out.weights[2]) == 1.0
+    assert float(out.weights[5]) == pytest.approx(0.8 * (0.30 - 0.25) / 0.15)
