@@ -39,8 +39,9 @@ def _target_prob(ctx: ModelContext, x: torch.Tensor, k: int, keep: torch.Tensor 
     return float(ctx.logits(keep, x).softmax(1)[:, k].mean())
 
 
-def _ranked_neurons(ctx: ModelContext, x_trig: torch.Tensor, k: int, candidates: int) -> torch.Tensor:
-    """Neurons by the fall of k's target probability when each alone is pruned (Taylor, then exact)."""
+def _ranked_neurons(ctx: ModelContext, x_trig: torch.Tensor, k: int, base: float, candidates: int) -> torch.Tensor:
+    """Neurons by the fall of k's target probability from ``base`` (unpruned) when each alone is
+    pruned (Taylor, then exact)."""
     mask = torch.ones(ctx.total, device=ctx.device, requires_grad=True)
     ctx.net.set_masks(ctx.split_flat(mask))
     try:
@@ -49,7 +50,6 @@ def _ranked_neurons(ctx: ModelContext, x_trig: torch.Tensor, k: int, candidates:
     finally:
         ctx.net.set_masks(None)
     top = grad.argsort(descending=True)[:min(candidates, ctx.total)]
-    base = _target_prob(ctx, x_trig, k, None)
     drops = []
     for i in top.tolist():
         keep = torch.ones(ctx.total)
@@ -71,7 +71,7 @@ def halving_flips(ctx: ModelContext, triggers: TriggerSet, k: int, batch: Batch,
     if len(x_trig) == 0:
         return 1.0
     base = _target_prob(ctx, x_trig, k, None)
-    order = _ranked_neurons(ctx, x_trig, k, candidates)
+    order = _ranked_neurons(ctx, x_trig, k, base, candidates)
     for n in range(1, max_neurons + 1):
         keep = torch.ones(ctx.total)
         keep[order[:n].cpu()] = 0
@@ -93,4 +93,3 @@ def weigh_by_breakability(ctx: ModelContext, triggers: TriggerSet, batch: Batch,
             scale = (flips_high - f) / max(1e-6, flips_high - flips_low)
             weights[k] = weights[k] * min(1.0, max(0.0, scale))
     return replace(triggers, weights=weights), measured
-

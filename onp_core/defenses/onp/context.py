@@ -90,8 +90,8 @@ class PrefixCache:
     A candidate leaves every layer before its first pruned one untouched, so those layers'
     outputs for this input are computed once per cut and only the rest of the network is
     re-run. Measured on the ONP search (CIFAR-10 small CNN): the first pruned layer of the
-    rewarded candidates is spread over all six layers, so about a third of the reward
-    FLOPs are skipped (docs/ONP.md, Speed). The cache is only valid while the weights do
+    rewarded candidates is spread over all six layers, and replaying a repair's 242 rewards
+    took 5.2 s instead of 9.1 s (docs/ONP.md, Speed). The cache is only valid while the weights do
     not change: build a new one after pruning.
     """
 
