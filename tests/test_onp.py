@@ -262,6 +262,26 @@ def test_onp_repairs_an_unknown_pt2_program_and_saves_it_back(tmp_path) -> None:
     assert torch.allclose(again.model(x), result.model(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mask", "warp"])
+def test_synthesis_in_chunks_matches_one_forward(fmnist_badnets_subject, fmnist_clean_500, family) -> None:
+    """A step over many classes runs the network in image chunks (memory) with the same result.
+
+    One chunk per forward for 10 classes × 1 restart × 8 images against chunks of 24 images
+    (not a multiple of the 8 images per class, so a class's images straddle two chunks).
+    """
+    from onp_core.defenses.onp.context import Batch, ModelContext
+    from onp_core.defenses.onp.families import optimise_family
+
+    ctx = ModelContext(fmnist_badnets_subject.model, torch.device("cpu"))
+    batch = Batch.from_set(fmnist_clean_500, torch.device("cpu"))
+    whole = optimise_family(ctx, batch, 10, family, steps=15, restarts=1)
+    chunked = optimise_family(ctx, batch, 10, family, steps=15, restarts=1, max_images=24)
+    assert torch.allclose(whole.cost, chunked.cost, rtol=1e-3, atol=1e-4), (whole.cost, chunked.cost)
+    assert torch.equal(whole.success, chunked.success)
+    for name in whole.params:
+        assert torch.allclose(whole.params[name], chunked.params[name], rtol=1e-3, atol=1e-4), name
+
+
 def test_reattack_keeps_each_family_within_its_cost_budget(fmnist_badnets_subject, fmnist_clean_500) -> None:
     """The re-attack may move a suspect's trigger but never past budget × its synthesised cost,
     so a follow-up round's evidence is a trigger as cheap as the one that was flagged."""

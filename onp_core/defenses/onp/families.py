@@ -126,12 +126,37 @@ class _Slots:
         return {"mask": m.expand(-1, -1, self.h, self.w).clone(), "pattern": torch.sigmoid(self.p).clone()}
 
 
+# Images per network forward of one synthesis step, as a pixel budget: 256 images of 32×32 (the
+# CIFAR-10 step is 10 classes × 2 restarts × 8 = 160 images, so it runs in one forward), 64 of 64×64,
+# 5 of 224×224. Every class × restart slot is optimised in one step, so a 200-class, 64×64 model
+# would otherwise backpropagate 3200 images at once (tens of GiB of activations for a ResNet-18).
+STEP_PIXELS = 256 * 32 * 32
+
+
+def _logits_with_grad_in_chunks(ctx: ModelContext, x: torch.Tensor, target: torch.Tensor, per_class: int,
+                                max_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, ∂(Σ_slots mean_images CE)/∂x) with at most ``max_images`` images per forward.
+
+    Each chunk's graph is freed by its own backward, so peak memory is one chunk's; the gradient is
+    the same as one forward over all of ``x`` (the loss is a sum over images).
+    """
+    xd = x.detach().requires_grad_(True)
+    outs = []
+    for i in range(0, len(xd), max_images):
+        out = ctx.net(xd[i:i + max_images])
+        (F.cross_entropy(out, target[i:i + max_images], reduction="sum") / per_class).backward()
+        outs.append(out.detach())
+    return torch.cat(outs), xd.grad
+
+
 def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: str, steps: int = 100,
                     per_class: int = 8, restarts: int = 2, seed: int = 0, success_bar: float = 0.9,
-                    lr: float | None = None, mask_init: float = -1.0) -> FamilyResult:
+                    lr: float | None = None, mask_init: float = -1.0, max_images: int | None = None
+                    ) -> FamilyResult:
     """The cheapest working trigger of every class in ``family``; see the module docstring.
 
-    ``lr`` overrides the family's default Adam step (``_SCHEDULES``).
+    ``lr`` overrides the family's default Adam step (``_SCHEDULES``); ``max_images`` caps the
+    images per forward (default: ``STEP_PIXELS`` / image area, at least ``per_class``).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown trigger family {family!r}; one of {FAMILIES}")
@@ -154,11 +179,19 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
     best_succ = torch.zeros(n, device=dev)
     best = slots.snapshot()
     target = owner.to(dev).repeat_interleave(per_class)
+    if max_images is None:
+        max_images = STEP_PIXELS // (shape[-1] * shape[-2])
+    max_images = max(per_class, max_images)
+    chunked = n * per_class > max_images
     for step in range(steps):
         idx = torch.stack([p[torch.randint(0, len(p), (per_class,), generator=g)] for p in slot_pools]).to(dev)
         xt, cost = slots.apply(x_all[idx])
-        out = ctx.net(xt.flatten(0, 1))
-        ce = F.cross_entropy(out, target, reduction="none").view(n, per_class).mean(1)
+        opt.zero_grad()
+        if chunked:
+            out, x_grad = _logits_with_grad_in_chunks(ctx, xt.flatten(0, 1), target, per_class, max_images)
+        else:
+            out = ctx.net(xt.flatten(0, 1))
+            ce = F.cross_entropy(out, target, reduction="none").view(n, per_class).mean(1)
         with torch.no_grad():  # bookkeeping on the parameters that made this forward, before they move
             succ = (out.argmax(1) == target).float().view(n, per_class).mean(1)
             ok = succ >= success_bar
@@ -173,9 +206,10 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
                 lam_next = torch.where(ok, lam * 1.2, lam / 1.2 ** 1.5).clamp(1e-5, sched.lam_max)
             else:
                 lam_next = lam
-        loss = (ce + lam * cost).sum()
-        opt.zero_grad()
-        loss.backward()
+        if chunked:  # the CE part already reached the stamped images; finish through the stamp and the cost
+            torch.autograd.backward([xt.flatten(0, 1), (lam * cost).sum()], [x_grad, None])
+        else:
+            (ce + lam * cost).sum().backward()
         opt.step()
         lam = lam_next
     slot = best_cost.view(restarts, k).argmin(0) * k + torch.arange(k, device=dev)
