@@ -262,6 +262,25 @@ def test_onp_repairs_an_unknown_pt2_program_and_saves_it_back(tmp_path) -> None:
     assert torch.allclose(again.model(x), result.model(x), atol=1e-5)
 
 
+def test_forward_chunks_shrink_with_the_image_area() -> None:
+    """Forwards of large inputs are split by image area (memory) and give the same logits."""
+    from onp_core.defenses.onp.context import ModelContext
+    from onp_core.models import build_model
+
+    def ctx_for(hw: int) -> ModelContext:
+        torch.manual_seed(0)
+        net = build_model(ModelManifest(arch="small_cnn", num_classes=10, input_shape=(3, hw, hw)))
+        return ModelContext(net.eval(), torch.device("cpu"))
+
+    assert ctx_for(28).images_per_forward(1024) == 1024 and ctx_for(32).images_per_forward(4096) == 4096
+    big = ctx_for(64)
+    assert big.images_per_forward(1024) == 256 and big.images_per_forward(500) == 125
+    x = balanced_subset(load_dataset("cifar10", "test"), 300, seed=0).float()
+    x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear")
+    with torch.no_grad():
+        assert torch.allclose(big.logits(None, x, exact=True), big.model(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["mask", "warp"])
 def test_synthesis_in_chunks_matches_one_forward(fmnist_badnets_subject, fmnist_clean_500, family) -> None:
     """A step over many classes runs the network in image chunks (memory) with the same result.

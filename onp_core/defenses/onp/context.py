@@ -53,6 +53,12 @@ class ModelContext:
         self.offsets = torch.tensor([0] + self.sizes).cumsum(0).tolist()
         self.total = self.offsets[-1]
 
+    def images_per_forward(self, at_32px: int) -> int:
+        """A forward's image count, ``at_32px`` for inputs up to 32×32 and scaled down by the image area
+        beyond (a 224×224 forward holds ~49× a 32×32 one's activations), at least 1."""
+        h, w = self.model.manifest.input_shape[-2:]
+        return max(1, min(at_32px, at_32px * 32 * 32 // (h * w)))
+
     def split_flat(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """A flat [total] keep-mask → per-layer masks."""
         return [flat[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.sizes))]
@@ -66,9 +72,10 @@ class ModelContext:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not exact)
 
     @torch.no_grad()
-    def logits(self, flat_mask: torch.Tensor | None, x: torch.Tensor, chunk: int = 1024,
+    def logits(self, flat_mask: torch.Tensor | None, x: torch.Tensor, chunk: int | None = None,
                exact: bool = False) -> torch.Tensor:
         """Float32 logits under a flat keep-mask, at the ranking precision unless ``exact`` (reported numbers)."""
+        chunk = chunk or self.images_per_forward(1024)
         self.net.set_masks(None if flat_mask is None else self.split_flat(flat_mask.to(self.device)))
         try:
             with self.fast(exact):

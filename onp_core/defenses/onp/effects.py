@@ -60,11 +60,11 @@ def _taylor(ctx: ModelContext, x_clean: torch.Tensor, y_clean: torch.Tensor, x_t
 
 
 @torch.no_grad()
-def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor, fn, chunk_images: int = 4096):
+def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor, fn, chunk_images: int | None = None):
     """fn(logits [M, n, K]) → [M] for the masks 'all but neuron i' over the images ``x``."""
     out = []
     n = len(x)
-    per = max(1, chunk_images // max(1, n))
+    per = max(1, (chunk_images or ctx.images_per_forward(4096)) // max(1, n))
     for s in range(0, len(neurons), per):
         idx = neurons[s:s + per]
         masks = torch.ones(len(idx), ctx.total, device=ctx.device)

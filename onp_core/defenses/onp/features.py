@@ -58,8 +58,14 @@ def _zscore(v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_stats(ctx: ModelContext, batch: Batch, chunk: int = 500) -> list[torch.Tensor]:
-    """Per layer [C, 4]: mean, std, mean spatial max, fraction of positive activations."""
+def activation_stats(ctx: ModelContext, batch: Batch, chunk: int | None = None) -> list[torch.Tensor]:
+    """Per layer [C, 4]: mean, std, mean spatial max, fraction of positive activations.
+
+    Every layer's activations of a chunk are held at once, so chunks shrink with the image area
+    (500 images up to 32×32) and are made equal-sized, so the mean of chunk means is the mean.
+    """
+    limit = chunk or ctx.images_per_forward(500)
+    chunk = -(-len(batch.x) // -(-len(batch.x) // limit)) if len(batch.x) else limit
     sums = None
     n_chunks = 0
     for i in range(0, len(batch.x), chunk):
