@@ -62,7 +62,8 @@ def activation_stats(ctx: ModelContext, batch: Batch, chunk: int | None = None) 
     """Per layer [C, 4]: mean, std, mean spatial max, fraction of positive activations.
 
     Every layer's activations of a chunk are held at once, so chunks shrink with the image area
-    (500 images up to 32×32) and are made equal-sized, so the mean of chunk means is the mean.
+    (500 images up to 32×32) and are evened out (400 images at a limit of 125: four of 100), so the
+    mean of chunk means stays close to the mean.
     """
     limit = chunk or ctx.images_per_forward(500)
     chunk = -(-len(batch.x) // -(-len(batch.x) // limit)) if len(batch.x) else limit
