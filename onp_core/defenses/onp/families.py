@@ -126,27 +126,22 @@ class _Slots:
         return {"mask": m.expand(-1, -1, self.h, self.w).clone(), "pattern": torch.sigmoid(self.p).clone()}
 
 
-# Images per network forward of one synthesis step, as a pixel budget: 256 images of 32×32 (the
-# CIFAR-10 step is 10 classes × 2 restarts × 8 = 160 images, so it runs in one forward), 64 of 64×64,
-# 5 of 224×224. Every class × restart slot is optimised in one step, so a 200-class, 64×64 model
-# would otherwise backpropagate 3200 images at once (tens of GiB of activations for a ResNet-18).
-STEP_PIXELS = 256 * 32 * 32
-
-
 def _logits_with_grad_in_chunks(ctx: ModelContext, x: torch.Tensor, target: torch.Tensor, per_class: int,
                                 max_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, ∂(Σ_slots mean_images CE)/∂x) with at most ``max_images`` images per forward.
 
-    Each chunk's graph is freed by its own backward, so peak memory is one chunk's; the gradient is
-    the same as one forward over all of ``x`` (the loss is a sum over images).
+    Each chunk's graph is freed once its input gradient is taken, so peak memory is one chunk's; the
+    gradient is the same as one forward over all of ``x`` (the loss is a sum over images). Only the
+    input gradient is computed: the network's weights are not being optimised.
     """
-    xd = x.detach().requires_grad_(True)
-    outs = []
-    for i in range(0, len(xd), max_images):
-        out = ctx.net(xd[i:i + max_images])
-        (F.cross_entropy(out, target[i:i + max_images], reduction="sum") / per_class).backward()
+    outs, grads = [], []
+    for i in range(0, len(x), max_images):
+        xc = x[i:i + max_images].detach().requires_grad_(True)
+        out = ctx.net(xc)
+        grad, = torch.autograd.grad(F.cross_entropy(out, target[i:i + max_images], reduction="sum") / per_class, xc)
         outs.append(out.detach())
-    return torch.cat(outs), xd.grad
+        grads.append(grad)
+    return torch.cat(outs), torch.cat(grads)
 
 
 def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: str, steps: int = 100,
@@ -156,7 +151,10 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
     """The cheapest working trigger of every class in ``family``; see the module docstring.
 
     ``lr`` overrides the family's default Adam step (``_SCHEDULES``); ``max_images`` caps the
-    images per forward (default: ``STEP_PIXELS`` / image area, at least ``per_class``).
+    images per forward. Every class × restart slot is optimised in one step, so a 200-class 64×64
+    model would backpropagate 3200 images at once (tens of GiB for a ResNet-18); the default cap is
+    ``ctx.images_per_forward(256)`` (256 up to 32×32 — the CIFAR-10 step's 10 classes × 2 restarts ×
+    8 = 160 images run in one forward — 64 at 64×64, 5 at 224×224), at least ``per_class``.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown trigger family {family!r}; one of {FAMILIES}")
@@ -179,9 +177,7 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
     best_succ = torch.zeros(n, device=dev)
     best = slots.snapshot()
     target = owner.to(dev).repeat_interleave(per_class)
-    if max_images is None:
-        max_images = STEP_PIXELS // (shape[-1] * shape[-2])
-    max_images = max(per_class, max_images)
+    max_images = max(per_class, max_images or ctx.images_per_forward(256))
     chunked = n * per_class > max_images
     for step in range(steps):
         idx = torch.stack([p[torch.randint(0, len(p), (per_class,), generator=g)] for p in slot_pools]).to(dev)
