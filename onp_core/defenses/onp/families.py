@@ -203,9 +203,11 @@ def optimise_family(ctx: ModelContext, batch: Batch, num_classes: int, family: s
             else:
                 lam_next = lam
         if chunked:  # the CE part already reached the stamped images; finish through the stamp and the cost
-            torch.autograd.backward([xt.flatten(0, 1), (lam * cost).sum()], [x_grad, None])
+            grads = torch.autograd.grad([xt.flatten(0, 1), (lam * cost).sum()], slots.tensors, [x_grad, None])
         else:
-            (ce + lam * cost).sum().backward()
+            grads = torch.autograd.grad((ce + lam * cost).sum(), slots.tensors)
+        for tensor, grad in zip(slots.tensors, grads):  # only the triggers' gradients: no weight gradients
+            tensor.grad = grad
         opt.step()
         lam = lam_next
     slot = best_cost.view(restarts, k).argmin(0) * k + torch.arange(k, device=dev)
