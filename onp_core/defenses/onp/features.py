@@ -17,6 +17,7 @@ trigger-derived ones also come in an absolute, model-wide-scaled form.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,7 @@ def activation_stats(ctx: ModelContext, batch: Batch, chunk: int | None = None) 
     mean of chunk means stays close to the mean.
     """
     limit = chunk or ctx.images_per_forward(500)
-    chunk = -(-len(batch.x) // -(-len(batch.x) // limit)) if len(batch.x) else limit
+    chunk = math.ceil(len(batch.x) / math.ceil(len(batch.x) / limit)) if len(batch.x) else limit
     sums = None
     n_chunks = 0
     for i in range(0, len(batch.x), chunk):
