@@ -52,6 +52,8 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
            "acc_before": before.acc, "asr_before": before.asr,
            "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
            "pruned": result.num_pruned, "seconds": seconds}
+    # where the time went and what was flagged (ONP), so a slow or missed repair can be explained from the JSON
+    row.update({k: result.details[k] for k in ("timing", "suspects", "verdict") if result.details.get(k) is not None})
     if method == "anp":
         from onp_core.defenses.anp import oracle_sweep
 
