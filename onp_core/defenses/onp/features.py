@@ -17,7 +17,6 @@ trigger-derived ones also come in an absolute, model-wide-scaled form.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,25 +62,27 @@ def activation_stats(ctx: ModelContext, batch: Batch, chunk: int | None = None) 
     """Per layer [C, 4]: mean, std, mean spatial max, fraction of positive activations.
 
     Every layer's activations of a chunk are held at once, so chunks shrink with the image area
-    (500 images up to 32×32) and are evened out (400 images at a limit of 125: four of 100), so the
-    mean of chunk means stays close to the mean.
+    (500 images up to 32×32). Each chunk's statistics count by its share of the images, so the mean,
+    spatial-max and positive-fraction columns are exact for any chunking (the std is the chunks'
+    weighted std); one chunk gives its statistics unchanged.
     """
-    limit = chunk or ctx.images_per_forward(500)
-    chunk = math.ceil(len(batch.x) / math.ceil(len(batch.x) / limit)) if len(batch.x) else limit
+    chunk = chunk or ctx.images_per_forward(500)
+    total = len(batch.x)
     sums = None
-    n_chunks = 0
-    for i in range(0, len(batch.x), chunk):
-        _, acts = ctx.net.forward_with_activations(batch.x[i:i + chunk])
+    for i in range(0, total, chunk):
+        x = batch.x[i:i + chunk]
+        _, acts = ctx.net.forward_with_activations(x)
+        share = len(x) / total
         stats = []
         for a in acts:
             a = a.float()
             dims = [0] + list(range(2, a.ndim))
             flat_max = a.flatten(2).amax(2) if a.ndim > 2 else a
-            stats.append(torch.stack([a.mean(dims), a.std(dims), flat_max.mean(0), (a > 0).float().mean(dims)], 1))
+            stats.append(share * torch.stack([a.mean(dims), a.std(dims), flat_max.mean(0),
+                                              (a > 0).float().mean(dims)], 1))
         sums = stats if sums is None else [s + t for s, t in zip(sums, stats)]
-        n_chunks += 1
     assert sums is not None
-    return [s.cpu() / n_chunks for s in sums]
+    return [s.cpu() for s in sums]
 
 
 def connection_strength(ctx: ModelContext, layer: NeuronLayer) -> torch.Tensor:
