@@ -54,6 +54,9 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
            "pruned": result.num_pruned, "seconds": seconds}
     # where the time went and what was flagged (ONP), so a slow or missed repair can be explained from the JSON
     row.update({k: result.details[k] for k in ("timing", "suspects", "verdict") if result.details.get(k) is not None})
+    follow_ups = [f for r in result.details.get("rounds", []) for f in r.get("reattacks", [])]
+    if follow_ups:  # ONP's re-attack rounds: the suspects' evidence against natural rivals, what each pruned
+        row["reattacks"] = [{k: f[k] for k in ("evidence", "verdict", "pruned") if k in f} for f in follow_ups]
     if method == "anp":
         from onp_core.defenses.anp import oracle_sweep
 

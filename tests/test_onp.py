@@ -317,7 +317,8 @@ def test_reattack_keeps_each_family_within_its_cost_budget(fmnist_badnets_subjec
         ts = combine_families([optimise_family(ctx, batch, 10, family, steps=20, restarts=1)], 1.5, 2.5, 0.5)
         ts.weights.zero_()
         ts.weights[0] = 1.0
-        out = reattack(ctx, ts, batch, steps=10, budget=2.0, images=32)
+        out, evidence = reattack(ctx, ts, batch, steps=10, budget=2.0, images=32)
+        assert 0.0 <= evidence[0]["factor"] <= 1.0 and float(out.weights[0]) == evidence[0]["factor"]
         assert cost_of[family](out.params[0]) <= 2.0 * float(ts.cost[0]) * 1.001 + 1e-6, family
         assert out.params[3] is ts.params[3], "non-suspects keep their trigger"
         assert 0.0 <= float(out.success[0]) <= 1.0
@@ -374,3 +375,33 @@ def test_breakability_never_drops_the_most_breakable_suspect(monkeypatch) -> Non
     out, _ = breakability.weigh_by_breakability(None, ts, None, None, 0.15, 0.30)
     assert float(out.weights[2]) == 1.0
     assert float(out.weights[5]) == pytest.approx(0.8 * (0.30 - 0.25) / 0.15)
+
+
+def test_reattack_weighs_each_suspect_by_its_excess_over_natural_rivals(monkeypatch) -> None:
+    """The follow-up round only counts what a natural class cannot match: a suspect whose re-attack
+    hits no more often than its best rival's gets weight 0 and drops out (docs/ONP.md §1e, §1i)."""
+    from onp_core.defenses.onp import reattack as ra
+    from onp_core.defenses.onp.context import Batch
+    from onp_core.defenses.onp.synth import TriggerSet
+
+    hits = {0: 0.8, 4: 1.0, 1: 0.2, 2: 0.4, 3: 1.0, 5: 0.9}  # per target class of a re-attack
+    monkeypatch.setattr(ra, "_reattack_one", lambda ctx, fam, p, c, k, x, *a: {"k": torch.tensor(k)})
+    monkeypatch.setattr(ra, "_hit_rate", lambda ctx, fam, params, x, k: hits[int(params["k"])])
+    anomaly = torch.tensor([4.0, 1.2, 1.0, 0.9, 3.0, 0.8, 0.0, 0.0, 0.0, 0.0])
+    weights = torch.zeros(10)
+    weights[[0, 4]] = torch.tensor([1.0, 0.5])
+    by_family = {"mask": {"anomaly": anomaly.tolist()},
+                 "blend": {"anomaly": [0.0, 0.0, 0.0, 2.0, 3.0, 1.5, 0.0, 0.0, 0.0, 0.0]}}
+    ts = TriggerSet(family=["mask", "mask", "mask", "mask", "blend"] + ["mask"] * 5, params=[{}] * 10,
+                    cost=torch.ones(10), success=torch.ones(10), anomaly=anomaly, weights=weights,
+                    by_family=by_family)
+    assert ra.natural_rivals(ts, 0, 2) == [1, 2], "rivals: the most anomalous non-suspects of the suspect's family"
+    assert ra.natural_rivals(ts, 4, 2) == [3, 5]
+    batch = Batch(torch.zeros(20, 1, 4, 4), torch.arange(20) % 10)
+    out, evidence = ra.reattack(None, ts, batch, rivals=2)
+    assert evidence[0] == {"hit": 0.8, "rival_hit": 0.4, "factor": 0.5}
+    assert evidence[4]["factor"] == 0.0, "a rival as easy to re-attack as the suspect: no evidence"
+    assert float(out.weights[0]) == pytest.approx(0.5) and float(out.weights[4]) == 0.0
+    assert out.suspects == [0]
+    out, evidence = ra.reattack(None, ts, batch, rivals=0)
+    assert evidence == {} and torch.equal(out.weights, ts.weights), "no rivals: the weights stand"

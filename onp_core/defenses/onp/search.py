@@ -97,6 +97,9 @@ class Config(DefenseConfig):
     reattack_budget: float = Field(1.0, gt=0, description="re-attacked trigger's cost limit, × its synthesised cost "
                                    "(2 pruned 9 neurons on FMNIST BadNets, −3.8 ACC; 1: 4 neurons, −1.1; docs/ONP.md §1e)")
     reattack_steps: int = Field(50, ge=1, description="Adam steps of each re-attack")
+    reattack_rivals: int = Field(2, ge=0, le=10, description="natural classes each suspect's re-attack is compared "
+                                 "with; its weight becomes its excess hit rate and the round is skipped when no "
+                                 "suspect has any (0: no comparison; reattack.py, docs/ONP.md §1e)")
     reattack_drop_factor: float = Field(3.0, ge=1, description="the re-attack round's flip-penalty slope, × "
                                         "lambda_drop (× 10 left FMNIST BadNets at 15.6% ASR, docs/ONP.md §1e; × 3 "
                                         "kept 4.4 and 1.6 points on FMNIST Blended, the rest unchanged, §1g)")
@@ -329,12 +332,18 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         for a in range(cfg.reattack_rounds if cfg.score == "synth" else 0):
             t = time.perf_counter()
             report(progress, 0, cfg.iterations, "reattack", round=r + 1)
-            triggers = reattack(ctx, triggers, search, cfg.reattack_steps, cfg.reattack_budget)
+            suspects_before = triggers.suspects
+            triggers, evidence = reattack(ctx, triggers, search, cfg.reattack_steps, cfg.reattack_budget,
+                                          rivals=cfg.reattack_rivals)
             timing["reattack"] = timing.get("reattack", 0.0) + time.perf_counter() - t
             follow: dict[str, Any] = {"round": r + 1, "reattack": a + 1,
                                       "reattack_success": {k: round(float(triggers.success[k]), 3)
-                                                           for k in triggers.suspects}}
+                                                           for k in suspects_before},
+                                      "evidence": evidence}
             info.setdefault("reattacks", []).append(follow)
+            if not triggers.suspects:
+                follow["verdict"] = "no suspect's re-attacked trigger beats the natural classes"
+                break
             found = _search_round(ctx, search, holdout, references, triggers, cfg, progress, trace, timing,
                                   cfg.lambda_drop * cfg.reattack_drop_factor)
             if not _prune_found(found, follow, model, ctx, pruned_idx):
