@@ -79,8 +79,8 @@ def reattack(ctx: ModelContext, triggers: TriggerSet, batch: Batch, steps: int =
     With ``rivals`` > 0 each suspect is compared with that many natural classes: the same
     family, warm start and budget, re-optimised towards the natural class instead. A
     natural class that the pruned network lets in as cheaply is evidence that what is left
-    is an ordinary shortcut, not the planted one, so the suspect's weight becomes its
-    *excess* hit rate, 1 − rival/suspect (measured, docs/ONP.md §1e: FMNIST Blended after
+    is an ordinary shortcut, not the planted one, so the suspect's weight is scaled by its
+    relative *excess* hit rate, 1 − rival/suspect (measured, docs/ONP.md §1g and §1i: FMNIST Blended after
     the first round, suspect 100%, natural classes 100% → 0; FMNIST BadNets 0% vs 44% → 0;
     CIFAR-10 BadNets 16% vs 11% → 0.3). Without the comparison a round with no evidence left
     still pruned whatever fixed a few clean images by chance. Returns the re-attacked set

@@ -98,8 +98,9 @@ class Config(DefenseConfig):
                                    "(2 pruned 9 neurons on FMNIST BadNets, −3.8 ACC; 1: 4 neurons, −1.1; docs/ONP.md §1e)")
     reattack_steps: int = Field(50, ge=1, description="Adam steps of each re-attack")
     reattack_rivals: int = Field(2, ge=0, le=10, description="natural classes each suspect's re-attack is compared "
-                                 "with; its weight becomes its excess hit rate and the round is skipped when no "
-                                 "suspect has any (0: no comparison; reattack.py, docs/ONP.md §1e)")
+                                 "with; its weight is scaled by its relative excess hit rate (1 − rival/suspect) and "
+                                 "the round is skipped when no suspect has any (0: no comparison; reattack.py, "
+                                 "docs/ONP.md §1i)")
     reattack_drop_factor: float = Field(3.0, ge=1, description="the re-attack round's flip-penalty slope, × "
                                         "lambda_drop (× 10 left FMNIST BadNets at 15.6% ASR, docs/ONP.md §1e; × 3 "
                                         "kept 4.4 and 1.6 points on FMNIST Blended, the rest unchanged, §1g)")
