@@ -25,7 +25,7 @@ import torch
 from onp_core.defenses.onp.features import FEATURE_NAMES
 from onp_core.defenses.onp.search import DEFAULT_FEATURES
 
-from .compare import run_one
+from .compare import merge_results, run_one
 from .zoo import load_zoo
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="earlier ablation JSONs to include in the tables (a run of the same subject, variant and "
+                             "seed here replaces theirs): subjects run as separate jobs, one table")
     args = parser.parse_args()
     rows = []
     for subject in load_zoo("cpu", args.datasets, args.attacks, cached_only=True):
@@ -60,9 +63,11 @@ def main() -> None:
                 rows.append(row)
                 print(f"{row['subject']} seed {seed} {variant}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
                       f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
+    rows = merge_results(rows, args.merge, "variant")
+    merged = f" (merged with {' '.join(str(p) for p in args.merge)})" if args.merge else ""
     lines = [f"## ONP ablations — torch {torch.__version__}, {torch.get_num_threads()} threads",
              "", f"Command: `python -m bench.ablation --datasets {' '.join(args.datasets)} --attacks "
-             f"{' '.join(args.attacks)} --seeds {' '.join(map(str, args.seeds))}`", "",
+             f"{' '.join(args.attacks)} --seeds {' '.join(map(str, args.seeds))}`{merged}", "",
              "| subject | variant | ACC before | ACC | ASR before | ASR | DER | pruned | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -70,7 +75,7 @@ def main() -> None:
                      f"{100 * r['acc']:.2f} | {100 * r['asr_before']:.2f} | {100 * r['asr']:.2f} | "
                      f"{100 * r['der']:.2f} | {r['pruned']} | {r['seconds']:.0f} |")
     lines += ["", "| variant | mean DER | mean ΔACC (points) | mean ASR |", "|---|---|---|---|"]
-    for v in args.variants:
+    for v in dict.fromkeys([*args.variants, *(r["variant"] for r in rows)]):
         rs = [r for r in rows if r["variant"] == v]
         if rs:
             lines.append(f"| {v} | {100 * statistics.mean(r['der'] for r in rs):.2f} | "

@@ -66,6 +66,18 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
     return row
 
 
+def merge_results(rows: list[dict[str, Any]], paths: list[Path], kind: str) -> list[dict[str, Any]]:
+    """``rows`` plus the rows of earlier result JSONs that this run did not redo.
+
+    A row is identified by its subject, seed and ``kind`` ("method", or an ablation's "variant"), so
+    subjects run as separate jobs (or re-run after a fix) end up in one table without duplicates.
+    """
+    fresh = {(r["subject"], r[kind], r["seed"]) for r in rows}
+    for path in paths:
+        rows = rows + [r for r in json.loads(path.read_text()) if (r["subject"], r[kind], r["seed"]) not in fresh]
+    return rows
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -156,9 +168,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{row['subject']} seed {seed} {method}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
                       f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
-    fresh = {(r["subject"], r["method"], r["seed"]) for r in rows}
-    for path in args.merge:
-        rows += [r for r in json.loads(path.read_text()) if (r["subject"], r["method"], r["seed"]) not in fresh]
+    rows = merge_results(rows, args.merge, "method")
     args.out.mkdir(parents=True, exist_ok=True)
     merged = f" (merged with {' '.join(str(p) for p in args.merge)})" if args.merge else ""
     header = (f"## {args.profile} profile — {date.today()} — {platform.processor() or platform.machine()}, "

@@ -77,3 +77,21 @@ def test_cli_repair_end_to_end(tmp_path, cifar_badnets_subject) -> None:
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["test_before"]["asr"] > 0.9
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_benchmark_merge_keeps_fresh_rows_and_adds_the_rest(tmp_path) -> None:
+    """Subjects benchmarked as separate jobs end up in one table: an earlier row of the same
+    subject, method (or ablation variant) and seed is replaced by this run's, the others are kept."""
+    import json
+
+    from bench.compare import merge_results
+
+    old = [{"subject": "a", "method": "onp", "seed": 0, "acc": 0.1},
+           {"subject": "b", "method": "onp", "seed": 0, "acc": 0.2},
+           {"subject": "a", "method": "onp", "seed": 1, "acc": 0.3}]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    fresh = [{"subject": "a", "method": "onp", "seed": 0, "acc": 0.9}]
+    merged = merge_results(fresh, [path], "method")
+    assert sorted((r["subject"], r["seed"], r["acc"]) for r in merged) == [("a", 0, 0.9), ("a", 1, 0.3), ("b", 0, 0.2)]
+    assert fresh == [{"subject": "a", "method": "onp", "seed": 0, "acc": 0.9}], "the caller's list is not extended"
