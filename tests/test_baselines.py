@@ -39,11 +39,13 @@ REAL_OPTIONS: dict[str, dict] = {"anp": {"iterations": 300}, "rnp": {}, "clp": {
 # CLP's paper threshold u=3 is data-free and swings with the retrained subject: ASR 0.96 -> 0.07
 # on one training of this spec, 0.95 -> 0.47 on CI's (2 channels cut, ACC -1), 0.96 -> 0.38 on
 # another (4 cut, ACC -5.7), 0.96 -> 0.02 on session 11's clean-clone CI training (4 cut, ACC -13.4,
-# which failed a 10-point bar; the session-11 side by side measured CLP at -9.3 on CIFAR-10 Blended, 4 cut).
+# which failed a 10-point bar; the session-11 side by side measured CLP at -9.3 on CIFAR-10 Blended,
+# 4 cut).
 # So CLP must cut at least 10 ASR points — a no-op keeps all of it — within 20 ACC points: four of the
-# 64 last-layer channels of this small CNN can carry that much, and a model cut towards chance (10%) still fails. Fine-Pruning's clean fine-tuning brings part of the pruned backdoor back, by
-# an amount that swings with the subject and the clean split: ASR 0.96 -> 0.53 ± 0.06 over two seeds
-# on one training (docs/benchmarks/cpu.md), 0.96 -> 0.52 / 0.84 over two seeds on session 8's, 0.96 ->
+# 64 last-layer channels of this small CNN can carry that much, and a model cut towards chance (10%) still
+# fails. Fine-Pruning's clean fine-tuning brings part of the pruned backdoor back, by an amount that
+# swings with the subject and the clean split: ASR 0.96 -> 0.53 ± 0.06 over two seeds on one training
+# (docs/benchmarks/cpu.md), 0.96 -> 0.52 / 0.84 over two seeds on session 8's, 0.96 ->
 # 0.82 and 0.96 -> 0.87 on two clean-clone CI trainings (the second failed a 10-point bar). Its bar is
 # therefore 3 ASR points: a no-op keeps every point, so it still fails, and the smallest drop measured
 # is about three times the bar.

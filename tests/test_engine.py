@@ -82,8 +82,6 @@ def test_cli_repair_end_to_end(tmp_path, cifar_badnets_subject) -> None:
 def test_benchmark_merge_keeps_fresh_rows_and_adds_the_rest(tmp_path) -> None:
     """Subjects benchmarked as separate jobs end up in one table: an earlier row of the same
     subject, method (or ablation variant) and seed is replaced by this run's, the others are kept."""
-    import json
-
     from bench.compare import merge_results
 
     old = [{"subject": "a", "method": "onp", "seed": 0, "acc": 0.1},
