@@ -25,7 +25,7 @@ import torch
 from onp_core.defenses.onp.features import FEATURE_NAMES
 from onp_core.defenses.onp.search import DEFAULT_FEATURES
 
-from .compare import merge_results, run_one
+from .compare import merge_results, merged_note, run_one
 from .zoo import load_zoo
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -64,7 +64,7 @@ def main() -> None:
                 print(f"{row['subject']} seed {seed} {variant}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
                       f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
     rows = merge_results(rows, args.merge, "variant")
-    merged = f" (merged with {' '.join(str(p) for p in args.merge)})" if args.merge else ""
+    merged = merged_note(args.merge)
     lines = [f"## ONP ablations — torch {torch.__version__}, {torch.get_num_threads()} threads",
              "", f"Command: `python -m bench.ablation --datasets {' '.join(args.datasets)} --attacks "
              f"{' '.join(args.attacks)} --seeds {' '.join(map(str, args.seeds))}`{merged}", "",

@@ -78,6 +78,11 @@ def merge_results(rows: list[dict[str, Any]], paths: list[Path], kind: str) -> l
     return rows
 
 
+def merged_note(paths: list[Path]) -> str:
+    """The header's note of which earlier result files a table was merged with (empty for none)."""
+    return f" (merged with {' '.join(str(p) for p in paths)})" if paths else ""
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -170,7 +175,7 @@ def main() -> None:
                       f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
     rows = merge_results(rows, args.merge, "method")
     args.out.mkdir(parents=True, exist_ok=True)
-    merged = f" (merged with {' '.join(str(p) for p in args.merge)})" if args.merge else ""
+    merged = merged_note(args.merge)
     header = (f"## {args.profile} profile — {date.today()} — {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
               f"Command: `python -m bench.compare --profile {args.profile} --seeds {' '.join(map(str, args.seeds))} "

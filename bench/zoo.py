@@ -72,7 +72,21 @@ def main() -> None:
                       f"{100 * r['asr']:.2f}", f"{100 * r['ra']:.2f}", str(r["train_seconds"]))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    args.out.write_text(json.dumps(merge_rows(args.out, rows), indent=2))
+
+
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` replacing the rows of the same subjects in ``path``'s table, the others kept.
+
+    A run over a few subjects (one dataset, one attack) must not erase the rest of the
+    zoo's table; a retrained subject's row replaces its earlier one.
+    """
+    if not path.exists():
+        return rows
+    def key(row: dict) -> str:
+        return SubjectSpec(**row["spec"]).key()
+    fresh = {key(r) for r in rows}
+    return [r for r in json.loads(path.read_text()) if key(r) not in fresh] + rows
 
 
 if __name__ == "__main__":

@@ -93,3 +93,20 @@ def test_benchmark_merge_keeps_fresh_rows_and_adds_the_rest(tmp_path) -> None:
     merged = merge_results(fresh, [path], "method")
     assert sorted((r["subject"], r["seed"], r["acc"]) for r in merged) == [("a", 0, 0.9), ("a", 1, 0.3), ("b", 0, 0.2)]
     assert fresh == [{"subject": "a", "method": "onp", "seed": 0, "acc": 0.9}], "the caller's list is not extended"
+
+
+def test_zoo_table_keeps_subjects_a_partial_run_did_not_train(tmp_path) -> None:
+    """``bench.zoo --datasets X`` rewrote docs/zoo.json with X's rows only (session 12); now a run
+    replaces the rows of its own subjects and keeps the others."""
+    from dataclasses import asdict
+
+    from bench.zoo import merge_rows
+    from onp_core.subjects import SubjectSpec
+
+    cifar, fmnist = SubjectSpec(dataset="cifar10"), SubjectSpec(dataset="fashion_mnist", epochs=4)
+    path = tmp_path / "zoo.json"
+    path.write_text(json.dumps([{"spec": asdict(cifar), "acc": 0.7}, {"spec": asdict(fmnist), "acc": 0.8}]))
+    merged = merge_rows(path, [{"spec": asdict(fmnist), "acc": 0.9}])
+    assert sorted((r["spec"]["dataset"], r["acc"]) for r in merged) == [("cifar10", 0.7), ("fashion_mnist", 0.9)]
+    assert merge_rows(tmp_path / "absent.json", [{"spec": asdict(cifar), "acc": 0.5}]) == [{"spec": asdict(cifar),
+                                                                                            "acc": 0.5}]
