@@ -227,6 +227,22 @@ def test_onp_cancellation_stops_the_search(cifar_badnets_subject, cifar_clean_50
         run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", QUICK, progress=cancel_on_search)
 
 
+def test_onp_reports_and_stops_inside_the_trigger_synthesis(cifar_badnets_subject, cifar_clean_500) -> None:
+    """On a full-width ResNet-18 on two CPU cores the synthesis alone takes many minutes; the service's
+    progress, cancel and time limit act only where the defense calls back, so it calls back every step."""
+    seen: list[str] = []
+
+    def cancel_mid_synthesis(step: int, total: int, info: dict) -> None:
+        if info["phase"] == "synthesize" and "synth_step" in info:
+            seen.append(f"{info['family']} {info['synth_step']}")
+            if info["synth_step"] == "3/20":
+                raise RepairCancelled()
+
+    with pytest.raises(RepairCancelled):
+        run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", QUICK, progress=cancel_mid_synthesis)
+    assert seen == ["mask 1/20", "mask 2/20", "mask 3/20"]
+
+
 def test_onp_leaves_the_input_model_untouched(cifar_badnets_subject, cifar_clean_500) -> None:
     before = {k: v.clone() for k, v in cifar_badnets_subject.model.state_dict().items()}
     run_repair(cifar_badnets_subject.model, cifar_clean_500, "onp", {**QUICK, "iterations": 1})

@@ -11,6 +11,7 @@ little. Only clean images are used.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -27,7 +28,8 @@ def _within(value: torch.Tensor, cost: torch.Tensor, limit: float) -> torch.Tens
 
 
 def _reattack_one(ctx: ModelContext, family: str, params: dict[str, torch.Tensor], cost0: float, k: int,
-                  x: torch.Tensor, steps: int, budget: float, lr: float) -> dict[str, torch.Tensor]:
+                  x: torch.Tensor, steps: int, budget: float, lr: float,
+                  on_step: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     dev = ctx.device
     target = torch.full((len(x),), k, device=dev, dtype=torch.long)
     h, w = x.shape[-2:]
@@ -54,6 +56,8 @@ def _reattack_one(ctx: ModelContext, family: str, params: dict[str, torch.Tensor
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     with torch.no_grad():
         return {name: v.detach().cpu() for name, v in make().items()}
 
@@ -73,7 +77,8 @@ def natural_rivals(triggers: TriggerSet, k: int, count: int) -> list[int]:
 
 
 def reattack(ctx: ModelContext, triggers: TriggerSet, batch: Batch, steps: int = 50, budget: float = 1.0,
-             images: int = 64, lr: float = 0.1, rivals: int = 2) -> tuple[TriggerSet, dict[int, dict[str, float]]]:
+             images: int = 64, lr: float = 0.1, rivals: int = 2, on_step: Callable[[int, int], None] | None = None
+             ) -> tuple[TriggerSet, dict[int, dict[str, float]]]:
     """Each suspect's trigger re-optimised on ``ctx``'s current (pruned) weights; see the module docstring.
 
     With ``rivals`` > 0 each suspect is compared with that many natural classes: the same
@@ -87,7 +92,15 @@ def reattack(ctx: ModelContext, triggers: TriggerSet, batch: Batch, steps: int =
     and, per suspect, its hit rate, the best rival's and the weight factor.
 
     Classes that are not suspects keep their trigger (the score never stamps them).
+    ``on_step(done, total)`` follows the optimisation steps of every suspect and rival.
     """
+    runs = len(triggers.suspects) * (1 + rivals)
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        if on_step is not None:
+            on_step(done[0], runs * steps)
     params = list(triggers.params)
     success = triggers.success.clone()
     weights = triggers.weights.clone()
@@ -95,13 +108,13 @@ def reattack(ctx: ModelContext, triggers: TriggerSet, batch: Batch, steps: int =
     for k in triggers.suspects:
         fam, cost0 = triggers.family[k], float(triggers.cost[k])
         x = batch.x[batch.y != k][:images]
-        new = _reattack_one(ctx, fam, triggers.params[k], cost0, k, x, steps, budget, lr)
+        new = _reattack_one(ctx, fam, triggers.params[k], cost0, k, x, steps, budget, lr, step)
         params[k] = new
         success[k] = _hit_rate(ctx, fam, new, x, k)
         rival_hits = []
         for c in natural_rivals(triggers, k, rivals):
             xc = batch.x[batch.y != c][:images]
-            rival = _reattack_one(ctx, fam, triggers.params[k], cost0, c, xc, steps, budget, lr)
+            rival = _reattack_one(ctx, fam, triggers.params[k], cost0, c, xc, steps, budget, lr, step)
             rival_hits.append(_hit_rate(ctx, fam, rival, xc, c))
         if rival_hits:
             best = max(rival_hits)

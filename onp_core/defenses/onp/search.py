@@ -311,7 +311,10 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         report(progress, 0, cfg.iterations, "synthesize", round=r + 1)
         triggers = synthesize_triggers(ctx, search, num_classes, cfg.synth_steps, cfg.synth_per_class, cfg.seed + r,
                                        cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
-                                       min_spread=cfg.anomaly_min_spread, families=cfg.synth_families)
+                                       min_spread=cfg.anomaly_min_spread, families=cfg.synth_families,
+                                       on_step=lambda fam, done, total, r=r: report(
+                                           progress, 0, cfg.iterations, "synthesize", round=r + 1, family=fam,
+                                           synth_step=f"{done}/{total}"))
         timing["synthesize"] = timing.get("synthesize", 0.0) + time.perf_counter() - t
         anomalous = triggers.suspects
         halving: dict[int, float] = {}
@@ -335,7 +338,10 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
             report(progress, 0, cfg.iterations, "reattack", round=r + 1)
             suspects_before = triggers.suspects
             triggers, evidence = reattack(ctx, triggers, search, cfg.reattack_steps, cfg.reattack_budget,
-                                          rivals=cfg.reattack_rivals)
+                                          rivals=cfg.reattack_rivals,
+                                          on_step=lambda done, total, r=r: report(
+                                              progress, 0, cfg.iterations, "reattack", round=r + 1,
+                                              reattack_step=f"{done}/{total}"))
             timing["reattack"] = timing.get("reattack", 0.0) + time.perf_counter() - t
             follow: dict[str, Any] = {"round": r + 1, "reattack": a + 1,
                                       "reattack_success": {k: round(float(triggers.success[k]), 3)

@@ -100,14 +100,18 @@ def combine_families(results: list[FamilyResult], low: float, high: float, min_s
 def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps: int = 100,
                         per_class: int = 8, seed: int = 0, low: float = 1.5, high: float = 2.5,
                         success_bar: float = 0.9, keep: torch.Tensor | None = None, restarts: int = 2,
-                        min_spread: float = 0.5, families: tuple[str, ...] = FAMILIES) -> TriggerSet:
+                        min_spread: float = 0.5, families: tuple[str, ...] = FAMILIES,
+                        on_step: Callable[[str, int, int], None] | None = None) -> TriggerSet:
     """Synthesise every class's cheapest trigger in each family and rank the classes; see the module docstring.
 
-    ``keep`` (a flat keep-mask) synthesises on a partly pruned network.
+    ``keep`` (a flat keep-mask) synthesises on a partly pruned network. ``on_step(family, done,
+    steps)`` follows the optimisation step by step (progress, cancellation).
     """
     ctx.net.set_masks(None if keep is None else ctx.split_flat(keep.to(ctx.device)))
     try:
-        results = [optimise_family(ctx, batch, num_classes, fam, steps, per_class, restarts, seed + i, success_bar)
+        results = [optimise_family(ctx, batch, num_classes, fam, steps, per_class, restarts, seed + i, success_bar,
+                                   on_step=None if on_step is None else
+                                   (lambda done, total, fam=fam: on_step(fam, done, total)))
                    for i, fam in enumerate(families)]
     finally:
         ctx.net.set_masks(None)
