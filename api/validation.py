@@ -124,6 +124,22 @@ def _read_images(part: Part, what: str, manifest: Any) -> Any:
     return data
 
 
+def _require_prunable(loaded: Any) -> None:
+    """Refuse a model with no conv/BN channel (e.g. an MLP) now, not as a failed job later.
+
+    Tracing also catches programs ``torch.export`` cannot re-trace with a free batch size,
+    which every defense needs.
+    """
+    from onp_core.neurons import NoPrunableNeurons, discover_neurons
+
+    try:
+        discover_neurons(loaded.model, loaded.manifest.input_shape)
+    except NoPrunableNeurons as exc:
+        raise _fail(f"model: {exc}") from None
+    except Exception as exc:
+        raise _fail(f"model: its graph could not be traced for pruning ({type(exc).__name__}: {exc})") from None
+
+
 def validate_repair(form: Form) -> ValidRepair:
     """Raise a 4xx HTTPException with a precise reason, or return what the job needs."""
     from onp_core.models import ModelLoadError, load_model
@@ -145,6 +161,7 @@ def validate_repair(form: Form) -> ValidRepair:
     except Exception as exc:  # any other loader failure is still the upload's fault
         raise _fail(f"model: could not be loaded ({type(exc).__name__}: {exc})") from None
     man = loaded.manifest
+    _require_prunable(loaded)
     _read_images(data_part, "data", man)
     if trig_part is not None:
         if options.target is None:

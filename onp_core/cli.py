@@ -130,8 +130,14 @@ def repair(
     from .defenses import make_config, get_defense
     from .metrics import der, evaluate
     from .models import ModelManifest, load_model, save_model
+    from .neurons import NoPrunableNeurons, discover_neurons
 
     loaded = load_model(model_path, ModelManifest.load(manifest) if manifest else None)
+    try:  # refuse before reading any data a model these defenses cannot act on
+        discover_neurons(loaded.model, loaded.manifest.input_shape)
+    except NoPrunableNeurons as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
     clean = read_clean_data(data, num_classes=loaded.manifest.num_classes, expected_shape=loaded.manifest.input_shape)
     opts = {"seed": seed, "device": device, **json.loads(options)}
     config = make_config(method, opts)

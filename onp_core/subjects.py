@@ -94,15 +94,27 @@ def is_cached(spec: SubjectSpec) -> bool:
 
 
 def cached_subject(spec: SubjectSpec, **kwargs: Any) -> Subject:
-    """Load the subject from the cache, training it first if absent (tests and benchmarks)."""
+    """Load the subject from the cache, training it first if absent (tests and benchmarks).
+
+    An exclusive file lock per subject: a second process asking for the same subject (two
+    benchmark jobs, a test run beside a benchmark) waits and loads the first one's result
+    instead of training it again into the same ``.partial`` folder.
+    """
+    import fcntl
+    import shutil
+
     path = cache_dir() / "subjects" / spec.key()
     if (path / "subject.json").exists():
         return load_subject(path)
-    tmp = path.with_name(path.name + ".partial")
-    subject = train_subject(spec, tmp, **kwargs)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "subject.json").exists():
+            return load_subject(path)
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        train_subject(spec, tmp, **kwargs)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
     return load_subject(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -54,7 +55,14 @@ def load_cifar10(split: str = "train", zip_path: str | Path | None = None) -> Im
         blob = torch.load(cached, weights_only=True)
         return ImageSet(blob["x"], blob["y"], list(CLASSES), {"dataset": "cifar10", "split": split})
     data = _decode(zip_path, split)
-    tmp = cached.with_suffix(".tmp")
-    torch.save({"x": data.images, "y": data.labels}, tmp)
-    tmp.replace(cached)
+    # a private temp name: two processes decoding at once (two workers, two bench jobs)
+    # must not rename each other's half-written file
+    fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        torch.save({"x": data.images, "y": data.labels}, tmp)
+        tmp.replace(cached)
+    finally:
+        tmp.unlink(missing_ok=True)
     return data

@@ -42,6 +42,14 @@ def _op_name(node: fx.Node) -> str:
     return ""
 
 
+class NoPrunableNeurons(ValueError):
+    """The model has no convolution or BatchNorm channel, e.g. a plain MLP.
+
+    Every defense here prunes such channels, so there is nothing they can act on; saying
+    so up front beats the unrelated autograd or indexing error each one would hit later.
+    """
+
+
 @dataclass
 class NeuronLayer:
     """One prunable layer: ``size`` channels, each zeroed by zeroing ``params[...][c]``."""
@@ -203,6 +211,9 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
         if len(members) > 1:
             ks = sorted(remap[id(layers[m])] for m in members)
             final_groups[ks[0]] = ks
+    if not ordered:
+        raise NoPrunableNeurons("the model has no convolution or BatchNorm channels to prune (pruning defenses "
+                                "act on conv filters / BN channels; fully-connected-only models are not supported)")
     for k, layer in enumerate(ordered):
         layer.order = k
     for gid, ks in final_groups.items():

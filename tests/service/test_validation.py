@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from onp_core.models import ImageClassifier, ModelManifest, save_model
+
 from conftest import Inputs, job_count, submit, write_npz
 
 pytestmark = pytest.mark.integration
@@ -38,6 +40,11 @@ def bad(tmp_path_factory: pytest.TempPathFactory, inputs: Inputs) -> dict[str, P
     files["csv"].write_text("1,2,3\n")
     files["empty"] = root / "empty.npz"
     files["empty"].write_bytes(b"")
+    files["mlp"] = root / "mlp.pt2"
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 10)).eval()
+    save_model(ImageClassifier(net, ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32))),
+               files["mlp"], "pt2")
     return files
 
 
@@ -48,6 +55,7 @@ CASES = {
     "wrong model extension": ("txt_model", None, CLP, {}, 422, "unsupported model file extension"),
     "corrupt safetensors": ("junk_safetensors", None, CLP, {}, 422, "not a valid safetensors"),
     "pickle in .pt": ("pickle_pt", None, CLP, {"manifest": "MANIFEST"}, 422, "refused to load"),
+    "model with nothing to prune": ("mlp", None, CLP, {}, 422, "no convolution or BatchNorm channels"),
     "pt without manifest": ("PT", None, CLP, {}, 422, "manifest"),
     "oversized model": ("huge_model", None, CLP, {}, 413, "'model' exceeds the limit"),
     "shape mismatch": (None, "grey_28", CLP, {}, 422, "shape (C,H,W)=(1, 28, 28) but the model expects (3, 32, 32)"),
