@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .attacks import Attack, attack_from_spec, make_attack
 from .data import ImageSet, load_dataset
 from .data.cache import cache_dir
@@ -66,6 +68,10 @@ def train_subject(spec: SubjectSpec, out: Path, on_epoch: Callable[[int, int, di
             attack.noise_fraction = spec.poison_rate * getattr(attack, "cross_ratio", 0.0)
     c, h, w = DATASET_SHAPES[spec.dataset]
     manifest = ModelManifest(arch=spec.arch, num_classes=10, input_shape=(c, h, w), class_names=train.class_names)
+    # the spec's seed must fix the initial weights too: torch seeds its default generator
+    # from the OS in every process, so without this each training drew a different subject
+    # (CI's CIFAR-10 BadNets subject changed run to run and ONP's ASR after with it, 2.6–14.3%)
+    torch.manual_seed(spec.seed)
     model = build_model(manifest)
     config = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
                          hflip=spec.dataset != "fashion_mnist", crop_padding=4 if h >= 32 else 2, device=device)
