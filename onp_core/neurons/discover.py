@@ -12,6 +12,7 @@ the original parameter names, so one analysis serves registry models and uploade
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,11 @@ class NeuronMap:
         return len(self.layers)
 
 
+# torch.export keeps process-global tracing state: two threads exporting at once (the API
+# validating concurrent uploads) made one of them fail, so exports in one process take turns
+_EXPORT_LOCK = threading.Lock()
+
+
 def trace_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> fx.GraphModule:
     """An ATen-level fx graph of ``model`` whose get_attr targets are ``model``'s parameter names."""
     if isinstance(model, fx.GraphModule) and any(n.op == "get_attr" for n in model.graph.nodes):
@@ -91,7 +97,8 @@ def trace_graph(model: nn.Module, input_shape: tuple[int, int, int]) -> fx.Graph
     example = (torch.rand(2, *input_shape),)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     try:
-        program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
+        with _EXPORT_LOCK:
+            program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
     finally:
         model.train(was_training)
     return program.module()
