@@ -10,6 +10,15 @@ import torch
 from torch import nn
 
 
+def save_mlp_pt2(path, hidden: int = 16) -> None:
+    """A fully-connected-only classifier exported as a ``.pt2``: no conv or BN channel to prune anywhere."""
+    from onp_core.models import ImageClassifier, ModelManifest, save_model
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU(), nn.Linear(hidden, 10)).eval()
+    save_model(ImageClassifier(net, ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32))),
+               path, "pt2")
+
+
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BN running statistics and random 1-d weights/biases (BN affine, linear biases), in place."""
     g = torch.Generator().manual_seed(seed)

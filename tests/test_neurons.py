@@ -8,7 +8,7 @@ from torch import nn
 from onp_core.models import ARCHITECTURES, ImageClassifier, ModelManifest, build_model, load_model, save_model
 from onp_core.neurons import discover_neurons, masked, prune
 from onp_core.neurons.probe import MaskedNet
-from model_helpers import randomise_bn
+from model_helpers import randomise_bn, save_mlp_pt2
 
 
 class _ResidualNet(nn.Module):
@@ -127,13 +127,6 @@ def test_prefix_reuse_on_an_unknown_residual_pt2_program(tmp_path) -> None:
     _prefix_reuse_matches(load_model(tmp_path / "m.pt2").model, (3, 32, 32))
 
 
-def _mlp_pt2(path) -> None:
-    """A fully-connected-only classifier exported as a ``.pt2``: no conv or BN channel anywhere."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
-    save_model(ImageClassifier(net, ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32))),
-               path, "pt2")
-
-
 @pytest.mark.parametrize("method", ["onp", "anp", "rnp", "clp", "fp"])
 def test_every_method_refuses_a_model_with_nothing_to_prune(method, tmp_path) -> None:
     """An MLP used to crash deep inside each defense (autograd, indexing, empty optimiser); now one clear error."""
@@ -141,7 +134,7 @@ def test_every_method_refuses_a_model_with_nothing_to_prune(method, tmp_path) ->
     from onp_core.defenses import run_repair
     from onp_core.neurons import NoPrunableNeurons
 
-    _mlp_pt2(tmp_path / "mlp.pt2")
+    save_mlp_pt2(tmp_path / "mlp.pt2")
     loaded = load_model(tmp_path / "mlp.pt2").model
     clean = balanced_subset(load_dataset("cifar10", "test"), 40, seed=0)
     with pytest.raises(NoPrunableNeurons, match="no convolution or BatchNorm channels"):

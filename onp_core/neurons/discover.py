@@ -178,6 +178,10 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
             bn_of[node] = layer  # treat as a channel source for grouping
             layers.append(layer)
 
+    if not layers:
+        raise NoPrunableNeurons("the model has no convolution or BatchNorm channels to prune (pruning defenses "
+                                "act on conv filters / BN channels; fully-connected-only models are not supported)")
+
     # consumers: convs / linears whose input traces back to the layer
     for node in nodes:
         op = _op_name(node)
@@ -218,9 +222,6 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
         if len(members) > 1:
             ks = sorted(remap[id(layers[m])] for m in members)
             final_groups[ks[0]] = ks
-    if not ordered:
-        raise NoPrunableNeurons("the model has no convolution or BatchNorm channels to prune (pruning defenses "
-                                "act on conv filters / BN channels; fully-connected-only models are not supported)")
     for k, layer in enumerate(ordered):
         layer.order = k
     for gid, ks in final_groups.items():

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from onp_core.models import ImageClassifier, ModelManifest, save_model
-
 from conftest import Inputs, job_count, submit, write_npz
+from model_helpers import save_mlp_pt2
 
 pytestmark = pytest.mark.integration
 
@@ -41,10 +40,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory, inputs: Inputs) -> dict[str, P
     files["empty"] = root / "empty.npz"
     files["empty"].write_bytes(b"")
     files["mlp"] = root / "mlp.pt2"
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16), torch.nn.ReLU(),
-                              torch.nn.Linear(16, 10)).eval()
-    save_model(ImageClassifier(net, ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32))),
-               files["mlp"], "pt2")
+    save_mlp_pt2(files["mlp"])
     return files
 
 
