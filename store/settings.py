@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     max_data_bytes: int = Field(512 * MB, ge=1, description="largest accepted clean/triggered data upload")
     max_field_bytes: int = Field(64 * 1024, ge=1, description="largest accepted manifest/options field")
 
-    job_time_limit: int = Field(3600, ge=1, description="seconds a repair may run before it is failed")
+    # 4 h: the limit frees a worker from a runaway job (liveness is the heartbeat's job), so it must let the
+    # slowest supported case finish: a full-width PreAct-ResNet18 on a 2-core CPU worker is an estimated
+    # 50-60 min of ONP (docs/ONP.md, known gaps); 1 h failed it at the finish line.
+    job_time_limit: int = Field(14400, ge=1, description="seconds a repair may run before it is failed")
     max_attempts: int = Field(3, ge=1, description="claims of one job (worker crashes) before it is failed")
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a running job proves it is alive")
     stale_after_seconds: float = Field(60.0, gt=0, description="heartbeat age after which a running job is reaped")

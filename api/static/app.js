@@ -260,10 +260,12 @@ function jobPage() {
     after = page.next_after || after;
   };
 
+  // Fetch the job, then its events, and only then render both: the events are read after the
+  // job, so a terminal badge never shows before the event that made it terminal is listed.
   poll(async () => {
     const j = await (await api("/v1/repairs/" + id)).json();
-    renderJob(j);
     await loadEvents();
+    renderJob(j);
     return TERMINAL.includes(j.status);
   }, 1000);
 
