@@ -136,17 +136,29 @@ class Reward:
     Measured on a *clean* Fashion-MNIST model (docs/ONP.md): its shirt class has a
     natural trigger as anomalous as a real one, and without the guard the search paid
     10 points of accuracy to weaken it.
+
+    Optionally (``class_tolerance`` < 1; off by default, measured and not adopted in
+    docs/ONP.md §1m) the same slope also applies to ``max(0, worst class loss − class_tolerance)``, where a
+    class's loss is the share of the images the unpruned model gave it that the candidate
+    no longer does. Overall flips cannot see one class being erased: on the held-out
+    Fashion-MNIST Blended subject (target 6, shirt) the search bought the synthesised
+    trigger's score by erasing shirt itself (test recall 72 → 14%, 12% of the search
+    images flipped) while the planted blend kept 60% ASR (docs/ONP.md §1m). A backdoor's
+    neurons carry the shortcut, not the class, so removing them should leave the class's
+    clean predictions in place — but on that subject no cheaper set removed the backdoor.
     """
 
     def __init__(self, ctx: ModelContext, batch: Batch, score: Callable[[torch.Tensor], float],
                  lambda_b: float, lambda_s: float, tolerance: float = 1.0, lambda_drop: float = 0.0,
-                 reference: torch.Tensor | None = None):
+                 reference: torch.Tensor | None = None, class_tolerance: float = 1.0):
         self.ctx, self.batch, self.score = ctx, batch, score
         self.lambda_b, self.lambda_s = lambda_b, lambda_s
-        self.tolerance, self.lambda_drop = tolerance, lambda_drop
+        self.tolerance, self.lambda_drop, self.class_tolerance = tolerance, lambda_drop, class_tolerance
         # flips are counted against ``reference`` (the uploaded model's predictions) so that
         # later repair rounds cannot each spend the tolerance again
         self.pred0 = ctx.logits(None, batch.x).argmax(1) if reference is None else reference
+        self.num_classes = int(self.pred0.max()) + 1 if len(self.pred0) else 0
+        self.class_counts = torch.bincount(self.pred0, minlength=self.num_classes).clamp_min(1)
         self.cache = ctx.prefix_cache(batch.x)
         self.calls = 0
 
@@ -158,4 +170,14 @@ class Reward:
         b = self.score(keep)
         frac = float(1 - keep.float().mean())
         excess = max(0.0, flips - self.tolerance)
+        if self.class_tolerance < 1:
+            excess += max(0.0, self.worst_class_loss(pred) - self.class_tolerance)
         return RewardInfo(acc - self.lambda_b * b - self.lambda_s * frac - self.lambda_drop * excess, acc, b, frac)
+
+    def worst_class_loss(self, pred: torch.Tensor) -> float:
+        """The largest share of one class's reference predictions that ``pred`` gives elsewhere."""
+        if not self.num_classes:
+            return 0.0
+        kept = torch.bincount(self.pred0[pred == self.pred0], minlength=self.num_classes)
+        loss = (1 - kept / self.class_counts)[self.class_counts >= 5]  # a class seen < 5 times is noise
+        return float(loss.max()) if len(loss) else 0.0

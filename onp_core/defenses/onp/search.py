@@ -63,6 +63,10 @@ class Config(DefenseConfig):
     max_flips: float = Field(0.03, ge=0, le=1, description="share of clean predictions a candidate may change "
                              "before the steep penalty starts")
     lambda_drop: float = Field(10.0, ge=0, description="slope of the penalty on prediction changes beyond max_flips")
+    max_class_loss: float = Field(1.0, ge=0, le=1, description="share of one class's clean predictions a candidate "
+                                  "may move elsewhere before the same slope applies (1: off; 0.25 and 0.5 stopped "
+                                  "a held-out repair from erasing its target class but lost DER there and on "
+                                  "BadNets, docs/ONP.md §1m)")
     epsilon: float = Field(0.9, ge=0, lt=1, description="edge threshold: quantile of centred cosine similarity")
     delta: float = Field(0.1, ge=0, description="dormant-node threshold: ‖q‖₁ < δ × layer median gets no edges")
     perturb_eps: float = Field(0.3, gt=0, le=1, description="neuron perturbation size for the 'perturb' score")
@@ -220,7 +224,7 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
     reward_batch = Batch(search.x[:n], search.y[:n])
     reward = Reward(ctx, reward_batch, make_score(cfg.score, ctx, reward_batch, num_classes, triggers, unlearned,
                                                   cfg.perturb_eps, cfg.seed), cfg.lambda_b, cfg.lambda_s,
-                    cfg.max_flips, lambda_drop, references[0][:n])
+                    cfg.max_flips, lambda_drop, references[0][:n], cfg.max_class_loss)
     t = time.perf_counter()
     if cfg.policy == "rl":
         prior = prior_probabilities(effects.backdoor_drop) if cfg.imitation_steps else None
@@ -236,7 +240,7 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
     shortlist = sorted(candidates, key=lambda c: c[0], reverse=True)[:cfg.top_k] + [(reward(unpruned).reward, unpruned)]
     holdout_reward = Reward(ctx, holdout, make_score(cfg.score, ctx, holdout, num_classes, triggers, unlearned,
                                                      cfg.perturb_eps, cfg.seed), cfg.lambda_b, cfg.lambda_s,
-                            cfg.max_flips, lambda_drop, references[1])
+                            cfg.max_flips, lambda_drop, references[1], cfg.max_class_loss)
     scored = [(holdout_reward(keep), keep) for _, keep in shortlist]
     # The held-out split alone is ~100 images (±4 points of accuracy noise); the pooled
     # estimate over both clean splits ranks the shortlist, the held-out numbers are reported.
