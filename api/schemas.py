@@ -34,6 +34,8 @@ class JobMetrics(BaseModel):
     der: float | None = Field(None, description="defense effectiveness rating in [0, 1] (needs ASR)")
     num_pruned: int | None = None
     seconds: float | None = Field(None, description="seconds the defense itself ran")
+    warnings: list[str] = Field(default_factory=list, description="what the numbers above can hide, e.g. a class "
+                                "whose clean accuracy the repair cut to under half (per-class numbers: the report)")
 
 
 class JobLinks(BaseModel):

@@ -34,6 +34,27 @@ def accuracy(model: nn.Module, data: ImageSet, device: str | torch.device = "cpu
     return float((predict(model, data.images, device=device) == data.labels).float().mean())
 
 
+def class_recall(model: nn.Module, data: ImageSet, num_classes: int,
+                 device: str | torch.device = "cpu") -> list[float | None]:
+    """Per-class accuracy on ``data`` (None for a class with no images).
+
+    Overall accuracy hides a repair that erased one class: on a 10-class set, losing most of
+    one class costs only a few points (docs/ONP.md §1m), so the service reports every class.
+    """
+    pred = predict(model, data.images, device=device)
+    out: list[float | None] = []
+    for k in range(num_classes):
+        mine = data.labels == k
+        out.append(float((pred[mine] == k).float().mean()) if bool(mine.any()) else None)
+    return out
+
+
+def erased_classes(before: list[float | None], after: list[float | None], min_drop: float = 0.2) -> list[int]:
+    """Classes whose recall fell by at least ``min_drop`` and to under half of what it was."""
+    return [k for k, (b, a) in enumerate(zip(before, after))
+            if b is not None and a is not None and b - a >= min_drop and a < b / 2]
+
+
 def attack_success_rate(model: nn.Module, triggered: ImageSet, target: int, device: str | torch.device = "cpu") -> float:
     """Fraction of triggered non-target-class images classified as ``target``."""
     keep = triggered.labels != target

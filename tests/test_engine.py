@@ -51,6 +51,26 @@ def test_attacks_poison_and_trigger_as_specified(name: str, small_real_set: Imag
     assert torch.equal(triggered.images, again.images), "triggers are deterministic"
 
 
+@pytest.mark.slow
+def test_per_class_accuracy_catches_an_erased_class(fmnist_badnets_subject) -> None:
+    """Suppressing one class's logit erases it; overall accuracy hides it, the per-class check does not."""
+    import copy
+
+    from onp_core.metrics import accuracy, class_recall, erased_classes
+
+    test = balanced_subset(load_dataset("fashion_mnist", "test"), 1000, seed=0)
+    model = fmnist_badnets_subject.model
+    damaged = copy.deepcopy(model)
+    head = [m for m in damaged.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias[6] -= 1000.0
+    before, after = class_recall(model, test, 10), class_recall(damaged, test, 10)
+    assert after[6] == 0.0 and before[6] > 0.5
+    assert accuracy(model, test) - accuracy(damaged, test) < 0.1  # one class of ten: a few points overall
+    assert erased_classes(before, after) == [6]
+    assert erased_classes(before, before) == []
+
+
 def test_der_matches_backdoorbench_definition() -> None:
     before, after = Metrics(acc=0.90, asr=0.95), Metrics(acc=0.88, asr=0.05)
     assert der(before, after) == pytest.approx((0.90 - 0.02 + 1) / 2)

@@ -244,6 +244,7 @@ function jobPage() {
       if (m.num_pruned !== null && m.num_pruned !== undefined) bits.push(m.num_pruned + " neurons pruned");
       if (m.seconds) bits.push(m.seconds.toFixed(1) + " s of repair");
       if (m.before && m.before.asr === null) bits.push("ASR needs a triggered set and target");
+      for (const w of m.warnings || []) bits.push("⚠ " + w);
       $("#m-summary").textContent = bits.join(" · ");
     }
     if (j.status === "succeeded" && !reportShown) { reportShown = true; showResults(j); }

@@ -41,7 +41,7 @@ def test_download_is_the_repaired_model(alice: httpx.Client, finished: dict, inp
     """The download loads with load_model and scores what the worker recorded; on unseen CIFAR-10 test
     images the repair keeps the model close to its accuracy before."""
     from onp_core.data.uploads import read_clean_data
-    from onp_core.metrics import accuracy
+    from onp_core.metrics import accuracy, class_recall, erased_classes
     from onp_core.models import load_model
 
     r = alice.get(finished["links"]["model"])
@@ -61,6 +61,12 @@ def test_download_is_the_repaired_model(alice: httpx.Client, finished: dict, inp
     before_eval, after_eval = accuracy(original, inputs.eval_set), accuracy(repaired, inputs.eval_set)
     assert 0.0 <= after_eval <= 1.0
     assert after_eval >= before_eval - 0.2, (before_eval, after_eval)
+    # the report's per-class accuracies are the downloaded model's, and warn exactly about erased classes
+    report = alice.get(finished["links"]["report"]).raise_for_status().json()
+    recall = {"before": class_recall(original, clean, 10), "after": class_recall(repaired, clean, 10)}
+    for when in ("before", "after"):
+        assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(report["class_recall"][when], recall[when]))
+    assert len(m["warnings"]) == len(erased_classes(recall["before"], recall["after"]))
 
 
 def test_report_plot_and_events(alice: httpx.Client, finished: dict) -> None:
