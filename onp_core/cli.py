@@ -128,7 +128,7 @@ def repair(
 
     from .data.uploads import read_clean_data
     from .defenses import make_config, get_defense
-    from .metrics import der, evaluate
+    from .metrics import class_recall, der, erased_class_warnings, evaluate
     from .models import ModelManifest, load_model, save_model
     from .neurons import NoPrunableNeurons, discover_neurons
 
@@ -166,11 +166,19 @@ def repair(
     table.add_row("after", fmt(result.clean_acc_after), fmt(after.acc if after else None),
                   fmt(after.asr if after else None), fmt(after.ra if after else None))
     console.print(table)
+    per_class = test if test is not None else clean  # unseen images when given, else the clean data itself
+    classes = loaded.manifest.num_classes
+    recall = {"before": class_recall(loaded.model, per_class, classes),
+              "after": class_recall(result.model, per_class, classes)}
+    warnings = erased_class_warnings(recall["before"], recall["after"])
+    for line in warnings:
+        console.print(f"[yellow]warning:[/yellow] {line}")
     report = {"method": method, "options": config.model_dump(mode="json"), "seconds": seconds,
               "num_pruned": result.num_pruned, "pruned": result.pruned,
               "clean_acc_before": result.clean_acc_before, "clean_acc_after": result.clean_acc_after,
               "test_before": before.as_dict() if before else None, "test_after": after.as_dict() if after else None,
-              "der": der(before, after) if before and after else None, "trace": result.trace,
+              "der": der(before, after) if before and after else None,
+              "class_recall": recall, "warnings": warnings, "trace": result.trace,
               "details": result.details}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     console.print(f"wrote {out / ('model' + suffix)} and {out / 'report.json'}")

@@ -55,6 +55,12 @@ def erased_classes(before: list[float | None], after: list[float | None], min_dr
             if b is not None and a is not None and b - a >= min_drop and a < b / 2]
 
 
+def erased_class_warnings(before: list[float | None], after: list[float | None]) -> list[str]:
+    """One line per class :func:`erased_classes` finds, for a report or a job's metrics."""
+    return [f"class {k}'s clean accuracy fell from {100 * before[k]:.0f}% to {100 * after[k]:.0f}%: "  # type: ignore[operator]
+            "the repair may have removed the class rather than a backdoor" for k in erased_classes(before, after)]
+
+
 def attack_success_rate(model: nn.Module, triggered: ImageSet, target: int, device: str | torch.device = "cpu") -> float:
     """Fraction of triggered non-target-class images classified as ``target``."""
     keep = triggered.labels != target

@@ -96,6 +96,11 @@ def test_cli_repair_end_to_end(tmp_path, cifar_badnets_subject) -> None:
     assert "before" in res.output and "after" in res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["test_before"]["asr"] > 0.9
+    # per-class test accuracy: ten classes that average to the overall test accuracy (the test set is balanced)
+    for when, overall in (("before", report["test_before"]["acc"]), ("after", report["test_after"]["acc"])):
+        assert len(report["class_recall"][when]) == 10
+        assert abs(sum(report["class_recall"][when]) / 10 - overall) < 1e-6
+    assert isinstance(report["warnings"], list)
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 

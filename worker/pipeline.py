@@ -230,7 +230,7 @@ def _run(ctx: ServiceContext, inputs: Inputs, tmp: Path, tracker: Tracker) -> di
 
     from onp_core.data.uploads import UploadLimits, read_clean_data
     from onp_core.defenses import run_repair
-    from onp_core.metrics import class_recall, der, erased_classes, evaluate
+    from onp_core.metrics import class_recall, der, erased_class_warnings, evaluate
     from onp_core.models import ModelManifest, load_model, save_model
 
     job = inputs.job
@@ -272,9 +272,7 @@ def _run(ctx: ServiceContext, inputs: Inputs, tmp: Path, tracker: Tracker) -> di
         "der": json_safe(der(before, after)),
         "num_pruned": result.num_pruned,
         "seconds": round(float(result.seconds), 3),
-        "warnings": [f"class {k}'s clean accuracy fell from {100 * recall_before[k]:.0f}% to "
-                     f"{100 * recall_after[k]:.0f}%: the repair may have removed the class rather than a backdoor"
-                     for k in erased_classes(recall_before, recall_after)],
+        "warnings": erased_class_warnings(recall_before, recall_after),
     }
 
     tracker.set(P_SAVED, "saving", "writing the repaired model and report", force=True)
