@@ -65,6 +65,7 @@ def test_download_is_the_repaired_model(alice: httpx.Client, finished: dict, inp
     report = alice.get(finished["links"]["report"]).raise_for_status().json()
     recall = {"before": class_recall(original, clean, 10), "after": class_recall(repaired, clean, 10)}
     for when in ("before", "after"):
+        assert len(report["class_recall"][when]) == len(recall[when]) == 10
         assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(report["class_recall"][when], recall[when]))
     assert len(m["warnings"]) == len(erased_classes(recall["before"], recall["after"]))
 
