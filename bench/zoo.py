@@ -8,7 +8,9 @@ defaults were never set on: another target class per attack (3, 6, 9, 2), 5% poi
 another seed. The residual profile is the held-out check on another architecture too: a
 PreAct-ResNet18 of width 16 (residual adds, BN before conv) on CIFAR-10, target 7, 5%
 poisoning; ``bench.compare --as-pt2`` repairs it as an exported program, as a user with an
-unknown architecture would upload it. The gpu profile trains PreAct-ResNet18 and VGG16-BN on CIFAR-10
+unknown architecture would upload it. The fc profile is the classic backdoor-paper network (two
+conv layers without BN, a hidden fully-connected layer: ``cnn_fc``), target 5, 10% poisoning,
+another seed: neurons without BN and hidden linear units. The gpu profile trains PreAct-ResNet18 and VGG16-BN on CIFAR-10
 (BackdoorBench protocol) and is meant for a machine with a GPU.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from onp_core.subjects import Subject, SubjectSpec, cached_subject, is_cached
 
 EPOCHS = {"cifar10": 8, "fashion_mnist": 4}
 ATTACKS = ("badnets", "blended", "wanet", "sig")
-PROFILES = ("cpu", "heldout", "residual", "gpu")
+PROFILES = ("cpu", "heldout", "residual", "fc", "gpu")
 # the held-out profile's per-attack target class and poison rate: none of them is the cpu profile's (target 0, 10%)
 HELDOUT = {"badnets": (3, 0.05), "blended": (6, 0.05), "wanet": (9, 0.05), "sig": (2, 0.05)}
 
@@ -38,6 +40,9 @@ def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int =
     if profile == "heldout":
         return [SubjectSpec(arch="small_cnn", dataset=d, attack=a, target=HELDOUT[a][0], poison_rate=HELDOUT[a][1],
                             epochs=EPOCHS[d], seed=seed + 7) for d in datasets for a in attacks]
+    if profile == "fc":
+        return [SubjectSpec(arch="cnn_fc", dataset=d, attack=a, target=5, poison_rate=0.1, epochs=EPOCHS[d],
+                            seed=seed + 3) for d in datasets for a in attacks]
     if profile == "residual":
         return [SubjectSpec(arch="preact_resnet18_w16", dataset="cifar10", attack=a, target=7, poison_rate=0.05,
                             epochs=6, seed=seed) for a in attacks if "cifar10" in datasets]

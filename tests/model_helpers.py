@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 
-def save_mlp_pt2(path, hidden: int = 16) -> None:
-    """A fully-connected-only classifier exported as a ``.pt2``: no conv or BN channel to prune anywhere."""
+def save_linear_pt2(path) -> None:
+    """A one-linear-layer classifier exported as a ``.pt2``: no conv, BN or hidden unit to prune anywhere."""
     from onp_core.models import ImageClassifier, ModelManifest, save_model
 
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, hidden), nn.ReLU(), nn.Linear(hidden, 10)).eval()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
     save_model(ImageClassifier(net, ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32))),
                path, "pt2")
 

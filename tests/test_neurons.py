@@ -8,7 +8,7 @@ from torch import nn
 from onp_core.models import ARCHITECTURES, ImageClassifier, ModelManifest, build_model, load_model, save_model
 from onp_core.neurons import discover_neurons, masked, prune
 from onp_core.neurons.probe import MaskedNet
-from model_helpers import randomise_bn, save_mlp_pt2
+from model_helpers import randomise_bn, save_linear_pt2
 
 
 class _ResidualNet(nn.Module):
@@ -129,13 +129,101 @@ def test_prefix_reuse_on_an_unknown_residual_pt2_program(tmp_path) -> None:
 
 @pytest.mark.parametrize("method", ["onp", "anp", "rnp", "clp", "fp"])
 def test_every_method_refuses_a_model_with_nothing_to_prune(method, tmp_path) -> None:
-    """An MLP used to crash deep inside each defense (autograd, indexing, empty optimiser); now one clear error."""
+    """A model with no hidden neuron (one linear layer) used to crash deep inside each defense (autograd,
+    indexing, empty optimiser); now one clear error."""
     from onp_core.data import balanced_subset, load_dataset
     from onp_core.defenses import run_repair
     from onp_core.neurons import NoPrunableNeurons
 
-    save_mlp_pt2(tmp_path / "mlp.pt2")
-    loaded = load_model(tmp_path / "mlp.pt2").model
+    save_linear_pt2(tmp_path / "linear.pt2")
+    loaded = load_model(tmp_path / "linear.pt2").model
     clean = balanced_subset(load_dataset("cifar10", "test"), 40, seed=0)
-    with pytest.raises(NoPrunableNeurons, match="no convolution or BatchNorm channels"):
+    with pytest.raises(NoPrunableNeurons, match="no hidden neurons to prune"):
         run_repair(loaded, clean, method)
+
+
+class _HiddenUnitsNet(nn.Module):
+    """Conv with BN, a conv without, a hidden linear layer (optionally with BN1d), the classifier."""
+
+    def __init__(self, bn1d: bool, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.fc = nn.Linear(48, 20)
+        self.norm = nn.BatchNorm1d(20) if bn1d else nn.Identity()
+        self.classifier = nn.Linear(20, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.norm(self.fc(self.conv(x)))))
+
+
+def _masks_match(model: nn.Module, neurons, input_shape=(3, 32, 32)) -> None:
+    probe = MaskedNet(neurons)
+    g = torch.Generator().manual_seed(3)
+    masks = {i: (torch.rand(layer.size, generator=g) > 0.3).float() for i, layer in enumerate(neurons.layers)}
+    x = torch.rand(4, *input_shape, generator=g)
+    with torch.no_grad():
+        plain = model(x)
+        probe.set_masks(masks)
+        on_activations = probe(x)
+        with masked(model, neurons, masks):
+            on_weights = model(x)
+    assert torch.allclose(on_weights, on_activations, atol=1e-5)
+    assert not torch.allclose(on_weights, plain, atol=1e-4), "masks had no effect"
+
+
+@pytest.mark.parametrize("bn1d", [False, True])
+@pytest.mark.parametrize("as_pt2", [False, True])
+def test_hidden_linear_units_are_neurons_and_the_classifier_is_not(bn1d: bool, as_pt2: bool, tmp_path) -> None:
+    net = randomise_bn(_HiddenUnitsNet(bn1d).eval())
+    model = ImageClassifier(net, ModelManifest(arch="exported", num_classes=5, input_shape=(3, 32, 32)))
+    if as_pt2:
+        save_model(model, tmp_path / "m.pt2", "pt2")
+        model = load_model(tmp_path / "m.pt2").model
+    neurons = discover_neurons(model, (3, 32, 32))
+    found = [(layer.name.rsplit(".", 1)[-1] if "conv" in layer.name else layer.name.split(".")[-1], layer.kind,
+              layer.size, layer.spatial) for layer in neurons.layers]
+    hidden = ("norm", "bn", 20, False) if bn1d else ("fc", "linear", 20, False)
+    assert found == [("1", "bn", 8, True), ("4", "conv", 12, True), hidden]
+    assert neurons.layers[-1].consumers[-1].endswith("classifier.weight")
+    if bn1d:
+        assert neurons.layers[-1].producers[0].endswith("fc.weight")
+    _masks_match(model, neurons)
+    _prefix_reuse_matches(model, (3, 32, 32))
+
+
+def test_a_fully_convolutional_head_is_not_pruned() -> None:
+    """A conv whose channels are the class scores (NiN-style head) would delete a class if pruned."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten()).eval()
+    neurons = discover_neurons(net, (3, 32, 32))
+    assert [(layer.name, layer.size) for layer in neurons.layers] == [("0", 8)]
+
+
+def test_convs_without_bn_meeting_in_an_add_form_a_group() -> None:
+    class BareResidual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            return self.head(torch.relu(h + self.b(h)).mean((2, 3)))
+
+    net = BareResidual().eval()
+    neurons = discover_neurons(net, (3, 32, 32))
+    assert [layer.name for layer in neurons.layers] == ["a", "b"]
+    assert list(neurons.groups.values()) == [[0, 1]]
+    _masks_match(net, neurons)
+
+
+def test_fine_pruning_prunes_the_last_conv_layer_not_a_hidden_linear_one() -> None:
+    from onp_core.data import balanced_subset, load_dataset
+    from onp_core.defenses import run_repair
+
+    net = randomise_bn(_HiddenUnitsNet(bn1d=False, classes=10).eval())
+    model = ImageClassifier(net, ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32)))
+    clean = balanced_subset(load_dataset("cifar10", "test"), 50, seed=0)
+    result = run_repair(model, clean, "fp", {"finetune_epochs": 0})
+    assert result.details["layer"] == "net.conv.4"

@@ -202,7 +202,8 @@ def _activation_node(gm: fx.GraphModule, neurons: NeuronMap, li: int) -> tuple[f
     start = None
     for node in gm.graph.nodes:
         op = _op_name(node)
-        if ("batch_norm" in op or "conv" in op) and len(node.args) > 1 and _node_param(node.args[1]) == layer.params[0]:
+        if (("batch_norm" in op or "conv" in op or op == "linear") and len(node.args) > 1
+                and _node_param(node.args[1]) == layer.params[0]):
             start = node
             break
     if start is None:

@@ -1,7 +1,8 @@
 """Fine-Pruning (Liu, Dolan-Gavitt & Garg, RAID 2018): prune dormant channels, then fine-tune.
 
-1. **activations** — the mean activation of each channel of the LAST neuron layer (the last
-   conv layer's channels: its BN, or the conv itself without BN) over the clean search split,
+1. **activations** — the mean activation of each channel of the LAST conv neuron layer (its BN,
+   or the conv itself without BN; hidden linear units after it are left alone, as in the paper,
+   unless the model has no conv layer) over the clean search split,
    measured where the next layer reads it (after the ReLU; after the residual add and ReLU in
    post-activation ResNets);
 2. **prune** — channels are pruned in order of increasing mean activation (backdoor channels
@@ -71,8 +72,9 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
     all_c = Tensors(torch.cat([search_c.x, held_c.x]), torch.cat([search_c.y, held_c.y]))
     trace: list[dict[str, Any]] = []
 
-    # 1. mean activations of the last layer on clean data
-    last = len(neurons.layers) - 1
+    # 1. mean activations of the last conv layer on clean data (the last hidden layer of a model without one)
+    spatial = [li for li, layer in enumerate(neurons.layers) if layer.spatial]
+    last = spatial[-1] if spatial else len(neurons.layers) - 1
     layer = neurons.layers[last]
     group = neurons.groups.get(layer.group, [last]) if layer.group >= 0 else [last]
     report(progress, 0, 1, "activations", layer=layer.name)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .cnn_fc import ConvFC
 from .manifest import ModelManifest
 from .mobilenet import MobileNetV2
 from .preact_resnet import PreActResNet18
@@ -22,6 +23,7 @@ ArchBuilder = Callable[[int, int], nn.Module]
 
 ARCHITECTURES: dict[str, ArchBuilder] = {
     "small_cnn": lambda n, c: SmallCNN(n, c),
+    "cnn_fc": lambda n, c: ConvFC(n, c),
     "preact_resnet18": lambda n, c: PreActResNet18(n, c),
     "preact_resnet18_w16": lambda n, c: PreActResNet18(n, c, width=16),
     "resnet18": lambda n, c: ResNet18(n, c),

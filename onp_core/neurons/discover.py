@@ -4,7 +4,10 @@ A *neuron* is one channel of a :class:`NeuronLayer`. Where a BatchNorm exists, t
 neuron is the BN channel (zeroing its γ and β forces the channel's output to exactly
 zero, whatever comes before it — which is what makes PreAct blocks, where BN sits
 before the conv, come out right). A conv with no BN after it is its own neuron layer
-(zero the filter and bias).
+(zero the filter and bias), and so is a hidden linear layer (zero the row and bias).
+A layer whose output reaches the logits through no other conv or linear layer — the
+classifier, or a fully-convolutional head — is never a neuron layer: its channels are
+the classes, and pruning one would delete a class, not a backdoor.
 
 Models are traced with ``torch.export`` into an ATen graph whose parameter nodes carry
 the original parameter names, so one analysis serves registry models and uploaded
@@ -21,6 +24,7 @@ from torch import fx, nn
 _CONV = {"conv2d", "convolution", "_convolution", "conv1d"}
 _BN = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
        "_native_batch_norm_legit_functional", "native_batch_norm", "cudnn_batch_norm"}
+_LINEAR = {"linear"}
 _ADD = {"add", "add_", "sub"}
 # ops that keep channel c of the input in channel c of the output
 _CHANNEL_PRESERVING = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "gelu", "silu", "sigmoid",
@@ -44,7 +48,7 @@ def _op_name(node: fx.Node) -> str:
 
 
 class NoPrunableNeurons(ValueError):
-    """The model has no convolution or BatchNorm channel, e.g. a plain MLP.
+    """The model has no hidden neuron: no conv or BN channel and no hidden linear unit (e.g. one linear layer).
 
     Every defense here prunes such channels, so there is nothing they can act on; saying
     so up front beats the unrelated autograd or indexing error each one would hit later.
@@ -56,7 +60,7 @@ class NeuronLayer:
     """One prunable layer: ``size`` channels, each zeroed by zeroing ``params[...][c]``."""
 
     name: str
-    kind: str  # "bn" or "conv"
+    kind: str  # "bn", "conv" or "linear"
     params: list[str]
     size: int
     producers: list[str] = field(default_factory=list)  # conv weights whose output channels feed this layer
@@ -64,6 +68,7 @@ class NeuronLayer:
     order: int = 0  # position in execution order
     node: str = ""  # name of the traced-graph node producing this layer's output
     group: int = -1  # residual group (layers whose channels meet in an add); -1 when alone
+    spatial: bool = True  # output has spatial dims (conv / BN2d); False for linear units and BN1d
 
 
 @dataclass
@@ -108,6 +113,27 @@ def _param_name(node: object) -> str | None:
     return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def _feeds_a_weighted_layer(start: fx.Node, weighted: set[fx.Node]) -> bool:
+    """Whether some conv or linear layer reads ``start``'s output, directly or through other ops."""
+    stack, seen = list(start.users), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in weighted:
+            return True
+        stack.extend(n.users)
+    return False
+
+
+def _is_spatial(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        val = val[0] if val else None
+    return getattr(val, "ndim", 4) > 2
+
+
 def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> NeuronMap:
     """The model's neuron layers in execution order, with producers, consumers and residual groups."""
     gm = trace_graph(model, input_shape)
@@ -125,7 +151,7 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
 
     for node in nodes:
         op = _op_name(node)
-        if op in _CONV:
+        if op in _CONV or op in _LINEAR:
             w = resolve(_param_name(node.args[1]))
             if w is not None:
                 conv_of[node] = w
@@ -146,11 +172,11 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
             if n in seen or not isinstance(n, fx.Node):
                 continue
             seen.add(n)
+            if n in bn_of:  # a BN, or (once they are layers) a conv / linear with no BN after it
+                bns.append(n)
+                continue
             if n in conv_of:
                 convs.append(n)
-                continue
-            if n in bn_of:
-                bns.append(n)
                 continue
             op = _op_name(n)
             if op in _ADD:
@@ -165,28 +191,35 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
         convs, _ = sources(node.args[0])
         layer.producers = [conv_of[c] for c in convs]
 
-    # convs not followed by a BN become their own neuron layers
+    # convs and linears not followed by a BN become their own neuron layers
     bn_inputs = {c for node in bn_of for c in sources(node.args[0])[0]}
     for node, w in conv_of.items():
         if node in bn_inputs:
             continue
-        users_bn = False
-        if not users_bn:
-            bias = resolve(_param_name(node.args[2])) if len(node.args) > 2 else None
-            layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind="conv", params=[p for p in (w, bias) if p],
-                                size=params[w].shape[0], producers=[w], node=node.name)
-            bn_of[node] = layer  # treat as a channel source for grouping
-            layers.append(layer)
+        bias = resolve(_param_name(node.args[2])) if len(node.args) > 2 else None
+        kind = "linear" if _op_name(node) in _LINEAR else "conv"
+        layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind=kind, params=[p for p in (w, bias) if p],
+                            size=params[w].shape[0], producers=[w], node=node.name)
+        bn_of[node] = layer  # treat as a channel source for grouping
+        layers.append(layer)
+
+    # output layers (the classifier; a BN or conv after the last weighted layer) carry the classes
+    weighted = set(conv_of)
+    for node in [n for n, layer in bn_of.items() if not _feeds_a_weighted_layer(n, weighted)]:
+        layers.remove(bn_of.pop(node))
+    for node, layer in bn_of.items():
+        layer.spatial = _is_spatial(node)
 
     if not layers:
-        raise NoPrunableNeurons("the model has no convolution or BatchNorm channels to prune (pruning defenses "
-                                "act on conv filters / BN channels; fully-connected-only models are not supported)")
+        raise NoPrunableNeurons("the model has no hidden neurons to prune: no convolution or BatchNorm channel and "
+                                "no hidden linear unit before its output layer (pruning defenses act on those; a "
+                                "single linear layer has none)")
 
     # consumers: convs / linears whose input traces back to the layer
     for node in nodes:
         op = _op_name(node)
-        if op in _CONV or op in {"linear", "addmm", "mm"}:
-            widx = 1 if op in _CONV or op == "linear" else 2
+        if op in _CONV or op in _LINEAR or op in {"addmm", "mm"}:
+            widx = 1 if op in _CONV or op in _LINEAR else 2
             w = resolve(_param_name(node.args[widx])) if len(node.args) > widx else None
             if w is None:
                 continue

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import Inputs, job_count, submit, write_npz
-from model_helpers import save_mlp_pt2
+from model_helpers import save_linear_pt2
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,8 @@ def bad(tmp_path_factory: pytest.TempPathFactory, inputs: Inputs) -> dict[str, P
     files["csv"].write_text("1,2,3\n")
     files["empty"] = root / "empty.npz"
     files["empty"].write_bytes(b"")
-    files["mlp"] = root / "mlp.pt2"
-    save_mlp_pt2(files["mlp"])
+    files["linear"] = root / "linear.pt2"
+    save_linear_pt2(files["linear"])
     return files
 
 
@@ -51,7 +51,7 @@ CASES = {
     "wrong model extension": ("txt_model", None, CLP, {}, 422, "unsupported model file extension"),
     "corrupt safetensors": ("junk_safetensors", None, CLP, {}, 422, "not a valid safetensors"),
     "pickle in .pt": ("pickle_pt", None, CLP, {"manifest": "MANIFEST"}, 422, "refused to load"),
-    "model with nothing to prune": ("mlp", None, CLP, {}, 422, "no convolution or BatchNorm channels"),
+    "model with nothing to prune": ("linear", None, CLP, {}, 422, "no hidden neurons to prune"),
     "pt without manifest": ("PT", None, CLP, {}, 422, "manifest"),
     "oversized model": ("huge_model", None, CLP, {}, 413, "'model' exceeds the limit"),
     "shape mismatch": (None, "grey_28", CLP, {}, 422, "shape (C,H,W)=(1, 28, 28) but the model expects (3, 32, 32)"),

@@ -86,13 +86,13 @@ def activation_stats(ctx: ModelContext, batch: Batch, chunk: int | None = None) 
 
 
 def connection_strength(ctx: ModelContext, layer: NeuronLayer) -> torch.Tensor:
-    """q_i[c] = ‖W_i[c]‖₁ over the producing conv(s); [C, inputs]. Falls back to consumer columns."""
+    """q_i[c] = ‖W_i[c]‖₁ over the producing conv(s) or row of a linear; [C, inputs]. Falls back to consumer columns."""
     params = dict(ctx.model.named_parameters())
     parts = []
     for name in layer.producers:
         w = params[name].detach().abs()
-        if w.ndim == 4 and w.shape[0] == layer.size and w.shape[1] > 1:
-            parts.append(w.sum((2, 3)))
+        if w.ndim in (2, 4) and w.shape[0] == layer.size and w.shape[1] > 1:
+            parts.append(w.flatten(2).sum(2) if w.ndim == 4 else w)
     if not parts:
         for name in layer.consumers:
             w = params[name].detach().abs()
@@ -115,7 +115,7 @@ def bn_affine(ctx: ModelContext, layer: NeuronLayer) -> tuple[torch.Tensor, torc
 
 
 def clp_bound(ctx: ModelContext, layer: NeuronLayer) -> torch.Tensor:
-    """Channel Lipschitz upper bound: spectral norm of each channel's (scaled) producer kernel."""
+    """Channel Lipschitz upper bound: spectral norm of each channel's (scaled) producer kernel (or row)."""
     params = dict(ctx.model.named_parameters())
     buffers = dict(ctx.model.named_buffers())
     scale = torch.ones(layer.size)
@@ -131,6 +131,9 @@ def clp_bound(ctx: ModelContext, layer: NeuronLayer) -> torch.Tensor:
         if w.ndim == 4 and w.shape[0] == layer.size:
             found = True
             bound += torch.linalg.matrix_norm(w.flatten(2), ord=2) if w.shape[1] > 1 else w.flatten(1).norm(dim=1)
+        elif w.ndim == 2 and w.shape[0] == layer.size:  # a linear unit: its row's norm is its Lipschitz constant
+            found = True
+            bound += w.norm(dim=1)
     return bound * scale if found else scale
 
 
