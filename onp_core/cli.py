@@ -142,7 +142,8 @@ def repair(
     opts = {"seed": seed, "device": device, **json.loads(options)}
     config = make_config(method, opts)
     test, trig, tgt = _load_eval_sets(eval_attack, target, test_data, triggered, loaded.manifest.input_shape)
-    before = evaluate(loaded.model, test, trig, tgt) if test is not None else None
+    classes = loaded.manifest.num_classes
+    before = evaluate(loaded.model, test, trig, tgt, num_classes=classes) if test is not None else None
     t0 = time.time()
     with _progress() as bar:
         task = bar.add_task(f"{method} repair", total=None, info="")
@@ -156,7 +157,7 @@ def repair(
     out.mkdir(parents=True, exist_ok=True)
     suffix = {"safetensors": ".safetensors", "pt": ".pt", "pt2": ".pt2"}[loaded.format]
     save_model(result.model, out / f"model{suffix}", loaded.format)
-    after = evaluate(result.model, test, trig, tgt) if test is not None else None
+    after = evaluate(result.model, test, trig, tgt, num_classes=classes) if test is not None else None
     table = Table(title=f"{method} repair ({result.num_pruned} neurons pruned, {seconds:.1f}s)")
     for col in ("", "clean held-out ACC", "test ACC", "ASR", "RA"):
         table.add_column(col)
@@ -166,10 +167,10 @@ def repair(
     table.add_row("after", fmt(result.clean_acc_after), fmt(after.acc if after else None),
                   fmt(after.asr if after else None), fmt(after.ra if after else None))
     console.print(table)
-    per_class = test if test is not None else clean  # unseen images when given, else the clean data itself
-    classes = loaded.manifest.num_classes
-    recall = {"before": class_recall(loaded.model, per_class, classes),
-              "after": class_recall(result.model, per_class, classes)}
+    if before is not None and after is not None:  # per class on unseen images when given (same pass as ACC)
+        recall = {"before": before.class_recall, "after": after.class_recall}
+    else:  # else on the clean data itself
+        recall = {"before": class_recall(loaded.model, clean, classes), "after": class_recall(result.model, clean, classes)}
     warnings = erased_class_warnings(recall["before"], recall["after"])
     for line in warnings:
         console.print(f"[yellow]warning:[/yellow] {line}")

@@ -34,6 +34,14 @@ def accuracy(model: nn.Module, data: ImageSet, device: str | torch.device = "cpu
     return float((predict(model, data.images, device=device) == data.labels).float().mean())
 
 
+def _recall_of(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    out: list[float | None] = []
+    for k in range(num_classes):
+        mine = labels == k
+        out.append(float((pred[mine] == k).float().mean()) if bool(mine.any()) else None)
+    return out
+
+
 def class_recall(model: nn.Module, data: ImageSet, num_classes: int,
                  device: str | torch.device = "cpu") -> list[float | None]:
     """Per-class accuracy on ``data`` (None for a class with no images).
@@ -41,12 +49,7 @@ def class_recall(model: nn.Module, data: ImageSet, num_classes: int,
     Overall accuracy hides a repair that erased one class: on a 10-class set, losing most of
     one class costs only a few points (docs/ONP.md §1m), so the service reports every class.
     """
-    pred = predict(model, data.images, device=device)
-    out: list[float | None] = []
-    for k in range(num_classes):
-        mine = data.labels == k
-        out.append(float((pred[mine] == k).float().mean()) if bool(mine.any()) else None)
-    return out
+    return _recall_of(predict(model, data.images, device=device), data.labels, num_classes)
 
 
 def erased_classes(before: list[float | None], after: list[float | None], min_drop: float = 0.2) -> list[int]:
@@ -75,18 +78,24 @@ class Metrics:
     acc: float
     asr: float | None = None
     ra: float | None = None
+    class_recall: list[float | None] | None = None  # per-class accuracy on the clean set, when asked for
 
     def as_dict(self) -> dict[str, float | None]:
-        return asdict(self)
+        """The headline numbers (ACC, ASR, RA); per-class accuracy is reported on its own."""
+        return {"acc": self.acc, "asr": self.asr, "ra": self.ra}
 
 
 def evaluate(model: nn.Module, clean: ImageSet, triggered: ImageSet | None = None, target: int | None = None,
-             device: str | torch.device = "cpu") -> Metrics:
-    """ACC on ``clean``; ASR and RA too when a triggered set and its target are given."""
-    acc = accuracy(model, clean, device)
+             device: str | torch.device = "cpu", num_classes: int | None = None) -> Metrics:
+    """ACC on ``clean``; ASR and RA too when a triggered set and its target are given; per-class
+    accuracy too when ``num_classes`` is given, from the same predictions (one pass over ``clean``)."""
+    pred = predict(model, clean.images, device=device)
+    acc = float((pred == clean.labels).float().mean()) if len(clean) else float("nan")
+    recall = _recall_of(pred, clean.labels, num_classes) if num_classes is not None else None
     if triggered is None or target is None:
-        return Metrics(acc)
-    return Metrics(acc, attack_success_rate(model, triggered, target, device), accuracy(model, triggered, device))
+        return Metrics(acc, class_recall=recall)
+    return Metrics(acc, attack_success_rate(model, triggered, target, device), accuracy(model, triggered, device),
+                   recall)
 
 
 def der(before: Metrics, after: Metrics) -> float | None:

@@ -230,7 +230,7 @@ def _run(ctx: ServiceContext, inputs: Inputs, tmp: Path, tracker: Tracker) -> di
 
     from onp_core.data.uploads import UploadLimits, read_clean_data
     from onp_core.defenses import run_repair
-    from onp_core.metrics import class_recall, der, erased_class_warnings, evaluate
+    from onp_core.metrics import der, erased_class_warnings, evaluate
     from onp_core.models import ModelManifest, load_model, save_model
 
     job = inputs.job
@@ -254,8 +254,7 @@ def _run(ctx: ServiceContext, inputs: Inputs, tmp: Path, tracker: Tracker) -> di
 
     tracker.set(P_LOADED, "evaluating", "measuring the model before repair", force=True)
     target = job.target
-    before = evaluate(model, clean, triggered, target, device)
-    recall_before = class_recall(model, clean, manifest.num_classes, device)
+    before = evaluate(model, clean, triggered, target, device, num_classes=manifest.num_classes)
     tracker.set(P_EVALUATED, "repairing", f"running {job.method}", data={"before": _metrics_dict(before)}, force=True,
                 metrics={"before": _metrics_dict(before)})  # visible while the repair runs
 
@@ -264,15 +263,14 @@ def _run(ctx: ServiceContext, inputs: Inputs, tmp: Path, tracker: Tracker) -> di
 
     tracker.set(P_REPAIRED, "evaluating", "measuring the repaired model", force=True)
     repaired = result.model.to(device).eval()
-    after = evaluate(repaired, clean, triggered, target, device)
-    recall_after = class_recall(repaired, clean, manifest.num_classes, device)
+    after = evaluate(repaired, clean, triggered, target, device, num_classes=manifest.num_classes)
     metrics = {
         "before": _metrics_dict(before),
         "after": _metrics_dict(after),
         "der": json_safe(der(before, after)),
         "num_pruned": result.num_pruned,
         "seconds": round(float(result.seconds), 3),
-        "warnings": erased_class_warnings(recall_before, recall_after),
+        "warnings": erased_class_warnings(before.class_recall or [], after.class_recall or []),
     }
 
     tracker.set(P_SAVED, "saving", "writing the repaired model and report", force=True)
@@ -290,7 +288,7 @@ def _run(ctx: ServiceContext, inputs: Inputs, tmp: Path, tracker: Tracker) -> di
                    "clean_images": len(clean), "triggered_images": len(triggered) if triggered else None},
         "metrics": metrics,
         "heldout_clean_acc": {"before": result.clean_acc_before, "after": result.clean_acc_after},
-        "class_recall": {"before": recall_before, "after": recall_after},
+        "class_recall": {"before": before.class_recall, "after": after.class_recall},
         "pruned": result.pruned,
         "num_pruned": result.num_pruned,
         "seconds": result.seconds,
