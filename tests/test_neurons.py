@@ -227,3 +227,18 @@ def test_fine_pruning_prunes_the_last_conv_layer_not_a_hidden_linear_one() -> No
     clean = balanced_subset(load_dataset("cifar10", "test"), 50, seed=0)
     result = run_repair(model, clean, "fp", {"finetune_epochs": 0})
     assert result.details["layer"] == "net.conv.4"
+
+
+def test_a_decomposed_program_has_the_same_neurons() -> None:
+    """``run_decompositions`` turns linear into addmm(b, x, permute(W)); the hidden units and the last
+    conv layer must still be found (the classifier, still, must not)."""
+    net = randomise_bn(_HiddenUnitsNet(bn1d=False).eval())
+    model = ImageClassifier(net, ModelManifest(arch="exported", num_classes=5, input_shape=(3, 32, 32)))
+    plain = discover_neurons(model, (3, 32, 32))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.rand(2, 3, 32, 32),),
+                                  dynamic_shapes=({0: batch},)).run_decompositions().module()
+    decomposed = discover_neurons(program, (3, 32, 32))
+    assert [(layer.name, layer.kind, layer.size, layer.params) for layer in decomposed.layers] == \
+        [(layer.name, layer.kind, layer.size, layer.params) for layer in plain.layers]
+    _masks_match(program, decomposed)

@@ -127,6 +127,28 @@ def _feeds_a_weighted_layer(start: fx.Node, weighted: set[fx.Node]) -> bool:
     return False
 
 
+def _weighted_parts(node: fx.Node) -> tuple[fx.Node, str | None, str | None] | None:
+    """(input, weight name, bias name) of a conv or linear node; None for any other node.
+
+    A linear layer appears as ``linear(x, W, b)`` in a plain export and as ``addmm(b, x, permute(W))`` or
+    ``mm(x, permute(W))`` in a decomposed one (``run_decompositions``); both name the same parameter ``W``.
+    """
+    op = _op_name(node)
+    if op in _CONV or op in _LINEAR:
+        if len(node.args) < 2 or not isinstance(node.args[0], fx.Node):
+            return None
+        return node.args[0], _param_name(node.args[1]), _param_name(node.args[2]) if len(node.args) > 2 else None
+    if op in {"addmm", "mm"}:
+        x_at, w_at = (1, 2) if op == "addmm" else (0, 1)
+        if len(node.args) <= w_at or not isinstance(node.args[x_at], fx.Node):
+            return None
+        w = node.args[w_at]
+        if isinstance(w, fx.Node) and _op_name(w) in {"permute", "t", "transpose"} and w.args:
+            w = w.args[0]
+        return node.args[x_at], _param_name(w), _param_name(node.args[0]) if op == "addmm" else None
+    return None
+
+
 def _is_spatial(node: fx.Node) -> bool:
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
@@ -151,11 +173,7 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
 
     for node in nodes:
         op = _op_name(node)
-        if op in _CONV or op in _LINEAR:
-            w = resolve(_param_name(node.args[1]))
-            if w is not None:
-                conv_of[node] = w
-        elif op in _BN:
+        if op in _BN:
             w = resolve(_param_name(node.args[1]))
             b = resolve(_param_name(node.args[2]))
             if w is not None and b is not None:
@@ -163,6 +181,8 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
                                     node=node.name)
                 bn_of[node] = layer
                 layers.append(layer)
+        elif (parts := _weighted_parts(node)) is not None and (w := resolve(parts[1])) is not None:
+            conv_of[node] = w
 
     def sources(start: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
         """Walk back through channel-preserving ops and adds: (convs, bns) that feed ``start``."""
@@ -196,8 +216,8 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
     for node, w in conv_of.items():
         if node in bn_inputs:
             continue
-        bias = resolve(_param_name(node.args[2])) if len(node.args) > 2 else None
-        kind = "linear" if _op_name(node) in _LINEAR else "conv"
+        bias = resolve(_weighted_parts(node)[2])  # type: ignore[index]
+        kind = "conv" if _op_name(node) in _CONV else "linear"
         layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind=kind, params=[p for p in (w, bias) if p],
                             size=params[w].shape[0], producers=[w], node=node.name)
         bn_of[node] = layer  # treat as a channel source for grouping
@@ -216,16 +236,10 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
                                 "single linear layer has none)")
 
     # consumers: convs / linears whose input traces back to the layer
-    for node in nodes:
-        op = _op_name(node)
-        if op in _CONV or op in _LINEAR or op in {"addmm", "mm"}:
-            widx = 1 if op in _CONV or op in _LINEAR else 2
-            w = resolve(_param_name(node.args[widx])) if len(node.args) > widx else None
-            if w is None:
-                continue
-            _, feeding = sources(node.args[0] if op != "addmm" else node.args[1])
-            for f in feeding:
-                bn_of[f].consumers.append(w)
+    for node, w in conv_of.items():
+        _, feeding = sources(_weighted_parts(node)[0])  # type: ignore[index]
+        for f in feeding:
+            bn_of[f].consumers.append(w)
 
     # residual groups: neuron layers whose outputs meet at an add (union-find)
     parent = list(range(len(layers)))
