@@ -10,7 +10,8 @@ PreAct-ResNet18 of width 16 (residual adds, BN before conv) on CIFAR-10, target 
 poisoning; ``bench.compare --as-pt2`` repairs it as an exported program, as a user with an
 unknown architecture would upload it. The fc profile is the classic backdoor-paper network (two
 conv layers without BN, a hidden fully-connected layer: ``cnn_fc``), target 5, 10% poisoning,
-another seed: neurons without BN and hidden linear units. The gpu profile trains PreAct-ResNet18 and VGG16-BN on CIFAR-10
+another seed: neurons without BN and hidden linear units. The gpu profile trains PreAct-ResNet18 and VGG16-BN
+on CIFAR-10
 (BackdoorBench protocol) and is meant for a machine with a GPU.
 """
 from __future__ import annotations

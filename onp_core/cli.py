@@ -170,7 +170,8 @@ def repair(
     if before is not None and after is not None:  # per class on unseen images when given (same pass as ACC)
         recall = {"before": before.class_recall, "after": after.class_recall}
     else:  # else on the clean data itself
-        recall = {"before": class_recall(loaded.model, clean, classes), "after": class_recall(result.model, clean, classes)}
+        recall = {"before": class_recall(loaded.model, clean, classes),
+                  "after": class_recall(result.model, clean, classes)}
     warnings = erased_class_warnings(recall["before"], recall["after"])
     for line in warnings:
         console.print(f"[yellow]warning:[/yellow] {line}")

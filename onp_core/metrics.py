@@ -27,11 +27,15 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000, devi
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+def _accuracy_of(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((pred == labels).float().mean()) if len(labels) else float("nan")
+
+
 def accuracy(model: nn.Module, data: ImageSet, device: str | torch.device = "cpu") -> float:
     """Fraction of ``data`` classified correctly (clean accuracy, or RA on a triggered set)."""
     if len(data) == 0:
         return float("nan")
-    return float((predict(model, data.images, device=device) == data.labels).float().mean())
+    return _accuracy_of(predict(model, data.images, device=device), data.labels)
 
 
 def _recall_of(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
@@ -90,7 +94,7 @@ def evaluate(model: nn.Module, clean: ImageSet, triggered: ImageSet | None = Non
     """ACC on ``clean``; ASR and RA too when a triggered set and its target are given; per-class
     accuracy too when ``num_classes`` is given, from the same predictions (one pass over ``clean``)."""
     pred = predict(model, clean.images, device=device)
-    acc = float((pred == clean.labels).float().mean()) if len(clean) else float("nan")
+    acc = _accuracy_of(pred, clean.labels)
     recall = _recall_of(pred, clean.labels, num_classes) if num_classes is not None else None
     if triggered is None or target is None:
         return Metrics(acc, class_recall=recall)

@@ -27,16 +27,12 @@ class _ResidualNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_mask_on_weights_equals_mask_on_activations(arch: str) -> None:
-    model = build_model(ModelManifest(arch=arch, num_classes=10, input_shape=(3, 32, 32))).eval()
-    randomise_bn(model)
-    neurons = discover_neurons(model, (3, 32, 32))
-    assert len(neurons) > 0 and neurons.total > 0
+def _masks_match(model: nn.Module, neurons, input_shape=(3, 32, 32)) -> None:
+    """Random masks on the weights give the masked-activation outputs, change them, and are undone."""
     probe = MaskedNet(neurons)
     g = torch.Generator().manual_seed(1)
     masks = {i: (torch.rand(layer.size, generator=g) > 0.3).float() for i, layer in enumerate(neurons.layers)}
-    x = torch.rand(4, 3, 32, 32, generator=g)
+    x = torch.rand(4, *input_shape, generator=g)
     with torch.no_grad():
         plain = model(x)
         probe.set_masks(masks)
@@ -48,6 +44,15 @@ def test_mask_on_weights_equals_mask_on_activations(arch: str) -> None:
     assert torch.allclose(on_weights, on_activations, atol=1e-5)
     assert not torch.allclose(on_weights, plain, atol=1e-4), "masks had no effect"
     assert torch.equal(restored, plain), "masked() must restore the weights"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_mask_on_weights_equals_mask_on_activations(arch: str) -> None:
+    model = build_model(ModelManifest(arch=arch, num_classes=10, input_shape=(3, 32, 32))).eval()
+    randomise_bn(model)
+    neurons = discover_neurons(model, (3, 32, 32))
+    assert len(neurons) > 0 and neurons.total > 0
+    _masks_match(model, neurons)
 
 
 def test_preact_neurons_are_bn_channels_before_convs() -> None:
@@ -157,19 +162,6 @@ class _HiddenUnitsNet(nn.Module):
         return self.classifier(torch.relu(self.norm(self.fc(self.conv(x)))))
 
 
-def _masks_match(model: nn.Module, neurons, input_shape=(3, 32, 32)) -> None:
-    probe = MaskedNet(neurons)
-    g = torch.Generator().manual_seed(3)
-    masks = {i: (torch.rand(layer.size, generator=g) > 0.3).float() for i, layer in enumerate(neurons.layers)}
-    x = torch.rand(4, *input_shape, generator=g)
-    with torch.no_grad():
-        plain = model(x)
-        probe.set_masks(masks)
-        on_activations = probe(x)
-        with masked(model, neurons, masks):
-            on_weights = model(x)
-    assert torch.allclose(on_weights, on_activations, atol=1e-5)
-    assert not torch.allclose(on_weights, plain, atol=1e-4), "masks had no effect"
 
 
 @pytest.mark.parametrize("bn1d", [False, True])

@@ -16,7 +16,9 @@ the original parameter names, so one analysis serves registry models and uploade
 from __future__ import annotations
 
 import threading
+from collections.abc import Container
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import fx, nn
@@ -113,7 +115,7 @@ def _param_name(node: object) -> str | None:
     return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
-def _feeds_a_weighted_layer(start: fx.Node, weighted: set[fx.Node]) -> bool:
+def _feeds_a_weighted_layer(start: fx.Node, weighted: Container[fx.Node]) -> bool:
     """Whether some conv or linear layer reads ``start``'s output, directly or through other ops."""
     stack, seen = list(start.users), set()
     while stack:
@@ -149,6 +151,14 @@ def _weighted_parts(node: fx.Node) -> tuple[fx.Node, str | None, str | None] | N
     return None
 
 
+class _Weighted(NamedTuple):
+    """A conv or linear node's input and its (resolved) weight and bias parameter names."""
+
+    input: fx.Node
+    weight: str
+    bias: str | None
+
+
 def _is_spatial(node: fx.Node) -> bool:
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
@@ -162,7 +172,7 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
     params = dict(model.named_parameters())
     prefix = ""
     nodes = list(gm.graph.nodes)
-    conv_of: dict[fx.Node, str] = {}
+    conv_of: dict[fx.Node, _Weighted] = {}  # every conv and linear node with a parameter weight
     bn_of: dict[fx.Node, NeuronLayer] = {}
     layers: list[NeuronLayer] = []
 
@@ -182,7 +192,7 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
                 bn_of[node] = layer
                 layers.append(layer)
         elif (parts := _weighted_parts(node)) is not None and (w := resolve(parts[1])) is not None:
-            conv_of[node] = w
+            conv_of[node] = _Weighted(parts[0], w, resolve(parts[2]))
 
     def sources(start: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
         """Walk back through channel-preserving ops and adds: (convs, bns) that feed ``start``."""
@@ -209,14 +219,13 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
     # BN layers: producers are the convs feeding their input
     for node, layer in bn_of.items():
         convs, _ = sources(node.args[0])
-        layer.producers = [conv_of[c] for c in convs]
+        layer.producers = [conv_of[c].weight for c in convs]
 
     # convs and linears not followed by a BN become their own neuron layers
     bn_inputs = {c for node in bn_of for c in sources(node.args[0])[0]}
-    for node, w in conv_of.items():
+    for node, (_, w, bias) in conv_of.items():
         if node in bn_inputs:
             continue
-        bias = resolve(_weighted_parts(node)[2])  # type: ignore[index]
         kind = "conv" if _op_name(node) in _CONV else "linear"
         layer = NeuronLayer(name=w.rsplit(".", 1)[0], kind=kind, params=[p for p in (w, bias) if p],
                             size=params[w].shape[0], producers=[w], node=node.name)
@@ -224,8 +233,7 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
         layers.append(layer)
 
     # output layers (the classifier; a BN or conv after the last weighted layer) carry the classes
-    weighted = set(conv_of)
-    for node in [n for n, layer in bn_of.items() if not _feeds_a_weighted_layer(n, weighted)]:
+    for node in [n for n in bn_of if not _feeds_a_weighted_layer(n, conv_of)]:
         layers.remove(bn_of.pop(node))
     for node, layer in bn_of.items():
         layer.spatial = _is_spatial(node)
@@ -236,8 +244,8 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
                                 "single linear layer has none)")
 
     # consumers: convs / linears whose input traces back to the layer
-    for node, w in conv_of.items():
-        _, feeding = sources(_weighted_parts(node)[0])  # type: ignore[index]
+    for x, w, _ in conv_of.values():
+        _, feeding = sources(x)
         for f in feeding:
             bn_of[f].consumers.append(w)
 
