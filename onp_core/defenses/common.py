@@ -222,8 +222,21 @@ def _activation_node(gm: fx.GraphModule, neurons: NeuronMap, li: int) -> tuple[f
     return target, exact
 
 
-def _per_channel_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().transpose(0, 1).reshape(t.shape[1], -1).double().mean(1).cpu() * t.shape[0]
+def _channels_first(t: torch.Tensor, channel_last: bool) -> torch.Tensor:
+    """``t`` with its channels in dim 1 (a linear layer over tokens has them last)."""
+    return t.movedim(-1, 1) if channel_last and t.ndim > 2 else t
+
+
+def _scale_channels(t: torch.Tensor, scale: torch.Tensor, channel_last: bool) -> torch.Tensor:
+    """``t`` with each channel multiplied by ``scale[c]`` (channels in dim 1, or last for ``channel_last``)."""
+    shape = [1] * t.ndim
+    shape[t.ndim - 1 if channel_last and t.ndim > 2 else 1] = -1
+    return t * scale.view(shape)
+
+
+def _per_channel_sum(t: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
+    t = _channels_first(t.detach(), channel_last)
+    return t.transpose(0, 1).reshape(t.shape[1], -1).double().mean(1).cpu() * t.shape[0]
 
 
 class LayerProbe:
@@ -263,7 +276,7 @@ class LayerProbe:
 
                 _Keep(gm).run(data.x[i:i + batch_size])
                 t = env[self.target]
-                sums += _per_channel_sum(t[0] if isinstance(t, (tuple, list)) else t)
+                sums += _per_channel_sum(t[0] if isinstance(t, (tuple, list)) else t, neurons.layers[li].channel_last)
                 self.saved.append(env)
         self.mean = (sums / max(1, len(data))).float()
 
@@ -293,11 +306,11 @@ class LayerProbe:
         outs = []
         for env in self.saved:
             t = env[self.target]
-            keep = torch.ones(t.shape[1], device=t.device, dtype=t.dtype)
+            keep = torch.ones(self.neurons.layers[self.li].size, device=t.device, dtype=t.dtype)
             keep[list(channels)] = 0
             start = dict(self.filler)
             start.update(env)
-            start[self.target] = t * keep.view(1, -1, *([1] * (t.ndim - 2)))
+            start[self.target] = _scale_channels(t, keep, self.neurons.layers[self.li].channel_last)
             out = fx.Interpreter(self.gm).run(self.data.x[:1], initial_env=start)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return torch.cat(outs)
@@ -325,7 +338,8 @@ def mean_activation(model: nn.Module, neurons: NeuronMap, li: int, data: Tensors
         def run_node(self, n: fx.Node) -> Any:
             result = super().run_node(n)
             if n is target:
-                captured.append(_per_channel_sum(result[0] if isinstance(result, (tuple, list)) else result))
+                captured.append(_per_channel_sum(result[0] if isinstance(result, (tuple, list)) else result,
+                                                 neurons.layers[li].channel_last))
             return result
 
     interp = _Capture(gm)

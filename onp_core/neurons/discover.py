@@ -71,6 +71,7 @@ class NeuronLayer:
     node: str = ""  # name of the traced-graph node producing this layer's output
     group: int = -1  # residual group (layers whose channels meet in an add); -1 when alone
     spatial: bool = True  # output has spatial dims (conv / BN2d); False for linear units and BN1d
+    channel_last: bool = False  # channels are the output's last dim (a linear layer over tokens, [B, T, C])
 
 
 @dataclass
@@ -159,11 +160,25 @@ class _Weighted(NamedTuple):
     bias: str | None
 
 
-def _is_spatial(node: fx.Node) -> bool:
+def _output_value(node: fx.Node) -> object:
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
         val = val[0] if val else None
-    return getattr(val, "ndim", 4) > 2
+    return val
+
+
+def _output_ndim(node: fx.Node) -> int:
+    return getattr(_output_value(node), "ndim", 4)
+
+
+def _batch_leads(node: fx.Node, batch: str | None) -> bool:
+    """Whether ``node``'s output has the batch as dim 0, so a per-sample channel mask can be applied to it.
+
+    Attention's projections run on [tokens, batch, C] or [tokens·batch, C] inside PyTorch's multi-head
+    attention; their units are not per-sample neurons (``batch`` is the traced input's dim-0 size, as text).
+    """
+    shape = getattr(_output_value(node), "shape", None)
+    return batch is None or shape is None or len(shape) == 0 or str(shape[0]) == batch
 
 
 def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> NeuronMap:
@@ -235,8 +250,15 @@ def discover_neurons(model: nn.Module, input_shape: tuple[int, int, int]) -> Neu
     # output layers (the classifier; a BN or conv after the last weighted layer) carry the classes
     for node in [n for n in bn_of if not _feeds_a_weighted_layer(n, conv_of)]:
         layers.remove(bn_of.pop(node))
+    # layers whose units are not laid out per sample (attention projections) are left alone
+    inputs = [_output_value(n) for n in nodes if n.op == "placeholder"]
+    batch = next((str(v.shape[0]) for v in inputs if getattr(v, "ndim", 0) == len(input_shape) + 1), None)
+    for node in [n for n in bn_of if not _batch_leads(n, batch)]:
+        layers.remove(bn_of.pop(node))
     for node, layer in bn_of.items():
-        layer.spatial = _is_spatial(node)
+        layer.spatial = _output_ndim(node) > 2
+        # a linear layer maps the last dim: over a token sequence its units are the last dim, not dim 1
+        layer.channel_last = layer.kind == "linear" and layer.spatial
 
     if not layers:
         raise NoPrunableNeurons("the model has no hidden neurons to prune: no convolution or BatchNorm channel and "

@@ -17,17 +17,22 @@ from torch import fx, nn
 from .discover import NeuronMap, _op_name
 
 
-def _mask_and_tap(out: torch.Tensor, mask: torch.Tensor | None, tap: list | None) -> torch.Tensor:
-    """Multiply channel dim 1 by ``mask`` ([C] or [B, C]); append the result to ``tap``."""
+def _mask_and_tap(out: torch.Tensor, mask: torch.Tensor | None, tap: list | None,
+                  channel_last: bool = False) -> torch.Tensor:
+    """Multiply the channel dim by ``mask`` ([C] or [B, C]); append the result to ``tap``.
+
+    Channels are dim 1, or the last dim for a linear layer over tokens (``channel_last``); the tap
+    always holds them in dim 1 ([B, C, ...]), so every consumer of activations reduces them alike.
+    """
+    channel = out.ndim - 1 if channel_last else 1
     if mask is not None:
         shape = [1] * out.ndim
-        if mask.ndim == 1:
-            shape[1] = mask.shape[0]
-        else:
-            shape[0], shape[1] = mask.shape[0], mask.shape[1]
+        shape[channel] = mask.shape[-1]
+        if mask.ndim == 2:
+            shape[0] = mask.shape[0]
         out = out * mask.view(shape).to(out.dtype)
     if tap is not None:
-        tap.append(out)
+        tap.append(out.movedim(channel, 1) if channel != 1 else out)
     return out
 
 
@@ -66,7 +71,7 @@ class MaskedNet(nn.Module):
                 warnings.simplefilter("ignore")
                 tap_node = graph.get_attr(f"_onp_tap_{i}")
             with graph.inserting_after(tap_node):
-                new = graph.call_function(_mask_and_tap, (out, mask_node, tap_node))
+                new = graph.call_function(_mask_and_tap, (out, mask_node, tap_node, layer.channel_last))
             out.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         self.gm.recompile()
         self._mask_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target is _mask_and_tap]

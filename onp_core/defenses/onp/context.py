@@ -122,7 +122,8 @@ class PrefixCache:
                     return ctx.logits(flat_mask, self.x)
                 net.set_masks(None)
                 self.saved[first] = tuple(net.head(first)(self.x))
-                self.bytes += sum(t.numel() * t.element_size() for t in self.saved[first])
+                # the boundary may hold sizes (a transformer's reshapes read the batch size) besides tensors
+                self.bytes += sum(t.numel() * t.element_size() for t in self.saved[first] if isinstance(t, torch.Tensor))
             net.set_masks(masks)
             try:
                 out = net.tail(first)(*self.saved[first])
