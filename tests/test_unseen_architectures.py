@@ -1,7 +1,8 @@
 """Architectures the registry does not know, uploaded as ``.pt2``: every defense must run on them.
 
 Users upload what they trained: dense (concatenating) blocks, squeeze-and-excitation gates,
-GroupNorm, the CIFAR ResNet's zero-padding shortcut, a small vision transformer. Before session 17
+GroupNorm, the CIFAR ResNet's zero-padding shortcut, a small vision transformer, ConvNeXt's and MobileNetV3's
+blocks (BackdoorBench's model zoo has DenseNet, EfficientNet, MobileNetV3, ViT and ConvNeXt). Before session 17
 the transformer crashed every mask-based defense (its token layers keep units in the last dim,
 attention's projections keep the batch in dim 1). These tests pin down, per architecture, which
 layers are neurons, that masks on weights equal masks on activations, that the ONP search's prefix
@@ -100,6 +101,44 @@ class TinyViT(nn.Module):
         return self.fc(self.norm(self.encoder(tokens)).mean(1))
 
 
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7×7, then LayerNorm and two linears on the channels-last map, a layer scale."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(3, dim, 4, 4), nn.LayerNorm(dim)
+        self.dw, self.norm = nn.Conv2d(dim, dim, 7, padding=3, groups=dim), nn.LayerNorm(dim)
+        self.pw1, self.pw2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = self.gamma * self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        return self.head((x + h.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+class MobileBlock(nn.Module):
+    """MobileNetV3's inverted residual: expand, depthwise, hard-sigmoid SE gate, project; hardswish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int, k: int, groups: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        self.stem = nn.Sequential(*conv_bn(3, 16, 3), nn.Hardswish())
+        self.expand = nn.Sequential(*conv_bn(16, 64, 1), nn.Hardswish(), *conv_bn(64, 64, 3, groups=64), nn.Hardswish())
+        self.se1, self.se2 = nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 1)
+        self.project = nn.Sequential(*conv_bn(64, 16, 1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = self.expand(x)
+        h = h * F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(h, 1)))))
+        return self.head((x + self.project(h)).mean((2, 3)))
+
+
 # the neuron layers each must have: (last part of the name, kind, size)
 EXPECTED = {
     DenseBlocks: [("1", "bn", 8), ("1", "bn", 8), ("1", "bn", 8), ("bn", "bn", 24)],
@@ -108,6 +147,9 @@ EXPECTED = {
     PadShortcut: [("1", "bn", 8), ("bn1", "bn", 16), ("bn2", "bn", 16)],
     # attention's in/out projections run on [tokens, batch, C]: not per-sample units, so left alone
     TinyViT: [("patch", "conv", 32), ("linear1", "linear", 64), ("linear2", "linear", 32)],
+    ConvNeXtBlock: [("stem", "conv", 32), ("dw", "conv", 32), ("pw1", "linear", 128), ("pw2", "linear", 32)],
+    MobileBlock: [("1", "bn", 16), ("1", "bn", 64), ("4", "bn", 64), ("se1", "conv", 16), ("se2", "conv", 64),
+                  ("1", "bn", 16)],
 }
 QUICK_OPTIONS = {"onp": {"iterations": 2, "episodes": 2, "synth_steps": 20, "effect_neurons": 8, "imitation_steps": 5,
                          "anomaly_low": -100.0, "anomaly_high": -99.0},
