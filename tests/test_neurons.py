@@ -234,3 +234,18 @@ def test_a_decomposed_program_has_the_same_neurons() -> None:
     assert [(layer.name, layer.kind, layer.size, layer.params) for layer in decomposed.layers] == \
         [(layer.name, layer.kind, layer.size, layer.params) for layer in plain.layers]
     _masks_match(program, decomposed)
+
+
+def test_fine_pruning_runs_on_a_decomposed_program_without_convs() -> None:
+    """In a decomposed MLP the hidden layer is ``addmm``, which Fine-Pruning's lookup by op name did not know."""
+    from onp_core.data import balanced_subset, load_dataset
+    from onp_core.defenses import run_repair
+
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 24), nn.ReLU(), nn.Linear(24, 10)).eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)  # what trace_graph re-exports with
+    program = torch.export.export(mlp, (torch.rand(2, 3, 32, 32),),
+                                  dynamic_shapes=({0: batch},)).run_decompositions().module()
+    model = ImageClassifier(program, ModelManifest(arch="exported", num_classes=10, input_shape=(3, 32, 32)))
+    clean = balanced_subset(load_dataset("cifar10", "test"), 50, seed=0)
+    result = run_repair(model, clean, "fp", {"finetune_epochs": 0})
+    assert result.details["layer"].endswith("1") and result.num_pruned > 0

@@ -199,13 +199,18 @@ def _activation_node(gm: fx.GraphModule, neurons: NeuronMap, li: int) -> tuple[f
     """The node where neuron layer ``li``'s activation is read, and whether zeroing the layer's
     parameters zeroes exactly that node's channel (no residual add on the way)."""
     layer = neurons.layers[li]
-    start = None
-    for node in gm.graph.nodes:
+    # the node discovery found (same graph, or a re-export of the same model: same node names); the
+    # parameter match below is the fallback, and knows plain conv / BN / linear ops only
+    def reads_the_layer(node: fx.Node) -> bool:
         op = _op_name(node)
-        if (("batch_norm" in op or "conv" in op or op == "linear") and len(node.args) > 1
-                and _node_param(node.args[1]) == layer.params[0]):
-            start = node
-            break
+        return (("batch_norm" in op or "conv" in op or op == "linear") and len(node.args) > 1
+                and _node_param(node.args[1]) == layer.params[0])
+
+    start = next((n for n in gm.graph.nodes if n.name == layer.node), None)
+    if start is not None and _op_name(start) not in {"addmm", "mm"} and not reads_the_layer(start):
+        start = None
+    if start is None:
+        start = next((n for n in gm.graph.nodes if reads_the_layer(n)), None)
     if start is None:
         raise ValueError(f"neuron layer {layer.name} not found in the traced graph")
     target, exact = start, True
