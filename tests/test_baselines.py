@@ -240,6 +240,22 @@ def test_fine_pruning_prunes_least_active_channels_of_last_layer(tiny_clean) -> 
     assert [t["phase"] for t in result.trace].count("finetune") == 1
 
 
+def test_a_diverging_fine_tune_is_undone(tiny_clean) -> None:
+    """At an absurd learning rate both tries (lr, lr/10) diverge; the net keeps its starting weights and says why."""
+    from onp_core.defenses.common import FinetuneSettings, Tensors, finetune_keeping_pruned
+
+    model = _small()
+    neurons = discover_neurons(model, (3, 32, 32))
+    data = Tensors.of(tiny_clean, torch.device("cpu"))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trace: list[dict] = []
+    why = finetune_keeping_pruned(model, neurons, {0: [0, 1]}, data, data,
+                                  FinetuneSettings(epochs=1, lr=1e30, batch_size=32), trace)
+    assert why is not None and ("non-finite" in why or "fell" in why)
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert [t["lr"] for t in trace if "undone" in t] == pytest.approx([1e30, 1e29])
+
+
 # ---------------------------------------------------------------- all methods: interface guarantees
 @pytest.mark.parametrize("method", BASELINES)
 def test_baseline_runs_on_a_pt2_program(method, tmp_path, tiny_clean) -> None:

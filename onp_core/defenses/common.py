@@ -7,8 +7,9 @@ Everything here works on any model the engine can load — registry ``nn.Module`
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -403,19 +404,48 @@ class FinetuneSettings:
     hflip: bool = False
     seed: int = 1
     padding: int = 4  # random-crop padding (crop_padding(input_shape))
+    max_acc_drop: float = 0.05  # a fine-tune ending this far below its starting held-out accuracy has diverged
 
 
 def finetune_keeping_pruned(net: nn.Module, neurons: NeuronMap, pruned: Mapping[int, Sequence[int]], train: Tensors,
                             held: Tensors, settings: FinetuneSettings, trace: list[dict[str, Any]] | None = None,
                             progress: Any = None,
-                            batch_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+                            batch_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                            ) -> str | None:
     """Train the whole ``net`` on clean data; the pruned channels are re-zeroed after every step.
 
     Shared by Fine-Pruning (its third stage) and ONP's optional fine-tune, so both report
     the same per-epoch trace (loss, train accuracy, held-out accuracy). ``batch_transform``
     (x, y) → x changes the training images, labels kept (ONP stamps synthesised triggers
     on some of them, so the fine-tune unlearns the shortcut instead of relearning it).
+
+    A fine-tune that diverges — a non-finite loss, or held-out accuracy more than
+    ``settings.max_acc_drop`` below where it started — is undone and retried once at a tenth of
+    the learning rate; if that fails too, ``net`` keeps its starting weights. An exported
+    ``.pt2`` program is the case that needs it: its BatchNorm is frozen in eval mode, so nothing
+    rescales the updates, and at Fine-Pruning's lr 0.01 a squeeze-and-excitation CNN's loss went
+    to NaN in the first epoch (a model at 10% accuracy was returned); at 0.001 it fine-tuned.
+    Returns None when a fine-tune was kept, else why none was.
     """
+    start_state = copy.deepcopy(net.state_dict())
+    start_acc = accuracy_of(net, held)
+    why = None
+    for lr in (settings.lr, settings.lr / 10):
+        why = _finetune_once(net, neurons, pruned, train, held, replace(settings, lr=lr), trace, progress,
+                             batch_transform, start_acc)
+        if why is None:
+            return None
+        net.load_state_dict(start_state)
+        if trace is not None:
+            trace.append({"phase": "finetune", "undone": why, "lr": lr, "acc": start_acc})
+    return why
+
+
+def _finetune_once(net: nn.Module, neurons: NeuronMap, pruned: Mapping[int, Sequence[int]], train: Tensors,
+                   held: Tensors, settings: FinetuneSettings, trace: list[dict[str, Any]] | None, progress: Any,
+                   batch_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+                   start_acc: float) -> str | None:
+    """One fine-tune at ``settings``; None if it ended sound, else the reason it diverged."""
     params = list(net.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -432,6 +462,8 @@ def finetune_keeping_pruned(net: nn.Module, neurons: NeuronMap, pruned: Mapping[
                 opt.zero_grad(set_to_none=True)
                 out = net(x)
                 loss = F.cross_entropy(out, y)
+                if not torch.isfinite(loss):
+                    return f"non-finite loss at lr {settings.lr:g} (epoch {epoch + 1})"
                 loss.backward()
                 opt.step()
                 prune(net, neurons, pruned)
@@ -441,9 +473,13 @@ def finetune_keeping_pruned(net: nn.Module, neurons: NeuronMap, pruned: Mapping[
             val = accuracy_of(net, held)
             if trace is not None:
                 trace.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss_sum / seen,
-                              "train_acc": correct / seen, "acc": val})
+                              "train_acc": correct / seen, "acc": val, "lr": settings.lr})
             if progress is not None:
                 progress(epoch + 1, settings.epochs, {"phase": "finetune", "loss": loss_sum / seen, "acc": val})
+        final = accuracy_of(net, held)
+        if final < start_acc - settings.max_acc_drop:
+            return f"held-out accuracy fell from {start_acc:.3f} to {final:.3f} at lr {settings.lr:g}"
+        return None
     finally:
         for p in params:
             p.requires_grad_(False)

@@ -109,8 +109,9 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
     acc_pruned = accuracy_of(net, held_t)
 
     # 3. fine-tune, keeping the pruned channels at zero
+    finetune_undone = None
     if config.finetune_epochs > 0:
-        finetune_keeping_pruned(net, neurons, pruned, search_t, held_t, FinetuneSettings(
+        finetune_undone = finetune_keeping_pruned(net, neurons, pruned, search_t, held_t, FinetuneSettings(
             epochs=config.finetune_epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
             batch_size=config.batch_size, augment=config.augment, hflip=config.hflip, seed=config.seed + 1,
             padding=crop_padding(input_shape)),
@@ -121,5 +122,6 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
         clean_acc_after=acc_after, seconds=timer.seconds, trace=trace,
         details={"layer": layer.name, "group": [neurons.layers[li].name for li in group],
                  "mean_activation": act.tolist(), "num_pruned_channels": kept_k, "layer_size": layer.size,
-                 "acc_after_pruning": acc_pruned, "max_acc_drop": config.max_acc_drop},
+                 "acc_after_pruning": acc_pruned, "max_acc_drop": config.max_acc_drop,
+                 "finetune_undone": finetune_undone},
     )

@@ -362,10 +362,11 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         # no re-trace: the masked graph shares the model's parameters, so the next round sees the pruned weights
 
     acc_after = ctx.accuracy(None, holdout)
+    finetune_undone = None
     if cfg.finetune_epochs and pruned_idx:
         t = time.perf_counter()
         search_t, held_t = Tensors.of(search_set, device), Tensors.of(holdout_set, device)
-        finetune_keeping_pruned(model, neurons, pruned_idx, search_t, held_t, FinetuneSettings(
+        finetune_undone = finetune_keeping_pruned(model, neurons, pruned_idx, search_t, held_t, FinetuneSettings(
             epochs=cfg.finetune_epochs, seed=cfg.seed + 1, padding=crop_padding(model.manifest.input_shape)),
             trace, progress, stamp_some(triggers_seen, cfg.finetune_unlearn, cfg.seed))
         # the model itself, not the traced graph: training updated BN running statistics,
@@ -384,6 +385,7 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         "verdict": (f"no backdoor evidence: {rounds[0]['verdict']}" if not pruned_idx and "verdict" in rounds[0]
                     else None),
         "neurons_total": ctx.total,
+        "finetune_undone": finetune_undone,
         "layers": [{"name": l.name, "size": l.size, "pruned": len(pruned_idx.get(i, []))}
                    for i, l in enumerate(neurons.layers)],
     }
