@@ -12,131 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench.foreign_models import (ConvNeXtBlock, DenseBlocks, GroupNormNet, MobileBlock, PadShortcut, SqueezeExcite,
+                                  TinyViT)
 from onp_core.data import balanced_subset, load_dataset
 from onp_core.defenses import run_repair
 from onp_core.models import ImageClassifier, ModelManifest, load_model, save_model
 from onp_core.neurons import discover_neurons
 from model_helpers import randomise_bn
 from test_neurons import _masks_match, _prefix_reuse_matches
-
-
-def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class DenseBlocks(nn.Module):
-    """DenseNet-style: each block's output is concatenated to its input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.b1, self.b2 = _conv_bn(3, 8), _conv_bn(8, 8), _conv_bn(16, 8)
-        self.bn, self.fc = nn.BatchNorm2d(24), nn.Linear(24, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = torch.cat([x, self.b1(x)], 1)
-        x = torch.cat([x, self.b2(x)], 1)
-        return self.fc(F.relu(self.bn(x)).mean((2, 3)))
-
-
-class SqueezeExcite(nn.Module):
-    """A channel gate: sigmoid(1×1 convs on the pooled map) multiplies the feature map."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.squeeze, self.excite = _conv_bn(3, 16), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
-        self.body, self.fc = _conv_bn(16, 32), nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = x * torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
-        return self.fc(self.body(x).mean((2, 3)))
-
-
-class GroupNormNet(nn.Module):
-    """No BatchNorm: GroupNorm after each conv, SiLU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
-                                 nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class PadShortcut(nn.Module):
-    """The CIFAR ResNet's option-A shortcut: subsample and zero-pad channels instead of a 1×1 conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = _conv_bn(3, 8)
-        self.conv1, self.bn1 = nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
-        return self.fc(F.relu(h + shortcut).mean((2, 3)))
-
-
-class TinyViT(nn.Module):
-    """Patch embedding, one transformer encoder layer (PyTorch's), mean-pooled tokens."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, 32, 8, 8)
-        self.pos = nn.Parameter(torch.randn(1, 16, 32) * 0.02)
-        self.encoder = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.norm, self.fc = nn.LayerNorm(32), nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        return self.fc(self.norm(self.encoder(tokens)).mean(1))
-
-
-class ConvNeXtBlock(nn.Module):
-    """ConvNeXt's block: depthwise 7×7, then LayerNorm and two linears on the channels-last map, a layer scale."""
-
-    def __init__(self, dim: int = 32) -> None:
-        super().__init__()
-        self.stem, self.stem_norm = nn.Conv2d(3, dim, 4, 4), nn.LayerNorm(dim)
-        self.dw, self.norm = nn.Conv2d(dim, dim, 7, padding=3, groups=dim), nn.LayerNorm(dim)
-        self.pw1, self.pw2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
-        self.head = nn.Linear(dim, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        h = self.gamma * self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
-        return self.head((x + h.permute(0, 3, 1, 2)).mean((2, 3)))
-
-
-class MobileBlock(nn.Module):
-    """MobileNetV3's inverted residual: expand, depthwise, hard-sigmoid SE gate, project; hardswish."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-        def conv_bn(cin: int, cout: int, k: int, groups: int = 1) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-        self.stem = nn.Sequential(*conv_bn(3, 16, 3), nn.Hardswish())
-        self.expand = nn.Sequential(*conv_bn(16, 64, 1), nn.Hardswish(), *conv_bn(64, 64, 3, groups=64), nn.Hardswish())
-        self.se1, self.se2 = nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 1)
-        self.project = nn.Sequential(*conv_bn(64, 16, 1))
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        h = self.expand(x)
-        h = h * F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(h, 1)))))
-        return self.head((x + self.project(h)).mean((2, 3)))
 
 
 # the neuron layers each must have: (last part of the name, kind, size)
