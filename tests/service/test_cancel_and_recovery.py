@@ -124,10 +124,14 @@ def test_killed_worker_job_is_requeued_and_finishes(settings, start_worker, tmp_
 def test_reaper_gives_up_after_max_attempts(settings, uploaded: dict) -> None:
     db = database_for(settings)
     try:
-        old = utcnow() - timedelta(minutes=5)
-        job_id = _insert_job(db, {}, status="running", attempts=settings.max_attempts, heartbeat_at=old,
-                             started_at=old, worker="gone/1/x")
-        requeue_id = _insert_job(db, {}, status="running", attempts=1, heartbeat_at=old, started_at=old,
+        # silent for 50 s (stale by the 30 s cutoff below) but started well within the maintenance reaper's
+        # time limit (job_time_limit + 120 s = 240 s here): a start 5 min back let the API's maintenance thread
+        # fail the job for its time limit first, with another error than the one asserted (a CI flake, session 17)
+        started, silent_since = utcnow() - timedelta(seconds=60), utcnow() - timedelta(seconds=50)
+        assert settings.job_time_limit + 120 > 2 * 60
+        job_id = _insert_job(db, {}, status="running", attempts=settings.max_attempts, heartbeat_at=silent_since,
+                             started_at=started, worker="gone/1/x")
+        requeue_id = _insert_job(db, {}, status="running", attempts=1, heartbeat_at=silent_since, started_at=started,
                                  worker="gone/2/y")
         with db.session() as s:
             actions = dict(jobs.reap(s, utcnow() - timedelta(seconds=30), settings.max_attempts, timedelta(hours=1)))
