@@ -44,8 +44,8 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], float]] = {
 }
 
 
-def trained_program(arch: str) -> tuple[ImageClassifier, dict[str, Any]]:
-    """The backdoored network as an exported program, trained once and cached."""
+def trained_program(arch: str) -> ImageClassifier:
+    """The backdoored network as an exported program, trained once and cached (``train.json``: its training time)."""
     folder = cache_dir() / "foreign" / f"{arch}-{DATASET}-{ATTACK}-t{TARGET}-p{POISON_RATE:g}-e{EPOCHS}-s{SEED}"
     path = folder / "model.pt2"
     if not path.exists():
@@ -61,12 +61,11 @@ def trained_program(arch: str) -> tuple[ImageClassifier, dict[str, Any]]:
         save_model(ImageClassifier(net.eval(), ModelManifest(arch="exported", num_classes=10, input_shape=(1, 28, 28))),
                    path, "pt2")
         (folder / "train.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t, 1)}))
-    info = json.loads((folder / "train.json").read_text()) if (folder / "train.json").exists() else {}
-    return load_model(path).model, info
+    return load_model(path).model
 
 
 def run(arch: str, methods: list[str], seeds: list[int]) -> list[dict[str, Any]]:
-    model, _ = trained_program(arch)
+    model = trained_program(arch)
     attack = make_attack(ATTACK, target=TARGET, seed=SEED)
     test = load_dataset(DATASET, "test")
     triggered = attack.triggered_test_set(test)

@@ -20,7 +20,8 @@ from torch.func import functional_call
 from ..data.augment import augment
 from ..data.dataset import ImageSet
 from ..neurons import NeuronMap, prune
-from ..neurons.discover import _op_name, trace_graph
+from ..neurons.discover import _op_name, _param_name, _weighted_parts, trace_graph
+from ..neurons.probe import channel_dim
 
 
 # ---------------------------------------------------------------- modes and data
@@ -164,10 +165,6 @@ def select_by_mask(masks: Mapping[int, torch.Tensor], prune_by: str, threshold: 
 
 
 # ---------------------------------------------------------------- graph look-ups
-def _node_param(node: Any) -> str | None:
-    return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
-
-
 def bn_statistics(model: nn.Module, neurons: NeuronMap,
                   input_shape: Sequence[int]) -> dict[int, tuple[torch.Tensor, float]]:
     """{BN layer index: (running_var, eps)} read from the traced graph (works for ``.pt2``)."""
@@ -179,8 +176,8 @@ def bn_statistics(model: nn.Module, neurons: NeuronMap,
         op = _op_name(node)
         if "batch_norm" not in op or len(node.args) < 5:
             continue
-        li = by_weight.get(_node_param(node.args[1]) or "")
-        var_name = _node_param(node.args[4])
+        li = by_weight.get(_param_name(node.args[1]) or "")
+        var_name = _param_name(node.args[4])
         if li is None or var_name is None:
             continue
         var = buffers.get(var_name)
@@ -200,18 +197,14 @@ def _activation_node(gm: fx.GraphModule, neurons: NeuronMap, li: int) -> tuple[f
     """The node where neuron layer ``li``'s activation is read, and whether zeroing the layer's
     parameters zeroes exactly that node's channel (no residual add on the way)."""
     layer = neurons.layers[li]
-    # the node discovery found (same graph, or a re-export of the same model: same node names); the
-    # parameter match below is the fallback, and knows plain conv / BN / linear ops only
-    def reads_the_layer(node: fx.Node) -> bool:
-        op = _op_name(node)
-        return (("batch_norm" in op or "conv" in op or op == "linear") and len(node.args) > 1
-                and _node_param(node.args[1]) == layer.params[0])
 
-    start = next((n for n in gm.graph.nodes if n.name == layer.node), None)
-    if start is not None and _op_name(start) not in {"addmm", "mm"} and not reads_the_layer(start):
-        start = None
-    if start is None:
-        start = next((n for n in gm.graph.nodes if reads_the_layer(n)), None)
+    def reads_the_layer(node: fx.Node) -> bool:
+        if "batch_norm" in _op_name(node):
+            return len(node.args) > 1 and _param_name(node.args[1]) == layer.params[0]
+        parts = _weighted_parts(node)  # conv and linear, plain or decomposed (addmm / mm with a permuted weight)
+        return parts is not None and parts[1] == layer.params[0]
+
+    start = next((n for n in gm.graph.nodes if reads_the_layer(n)), None)
     if start is None:
         raise ValueError(f"neuron layer {layer.name} not found in the traced graph")
     target, exact = start, True
@@ -228,20 +221,15 @@ def _activation_node(gm: fx.GraphModule, neurons: NeuronMap, li: int) -> tuple[f
     return target, exact
 
 
-def _channels_first(t: torch.Tensor, channel_last: bool) -> torch.Tensor:
-    """``t`` with its channels in dim 1 (a linear layer over tokens has them last)."""
-    return t.movedim(-1, 1) if channel_last and t.ndim > 2 else t
-
-
 def _scale_channels(t: torch.Tensor, scale: torch.Tensor, channel_last: bool) -> torch.Tensor:
-    """``t`` with each channel multiplied by ``scale[c]`` (channels in dim 1, or last for ``channel_last``)."""
+    """``t`` with each channel multiplied by ``scale[c]``."""
     shape = [1] * t.ndim
-    shape[t.ndim - 1 if channel_last and t.ndim > 2 else 1] = -1
+    shape[channel_dim(t.ndim, channel_last)] = -1
     return t * scale.view(shape)
 
 
 def _per_channel_sum(t: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
-    t = _channels_first(t.detach(), channel_last)
+    t = t.detach().movedim(channel_dim(t.ndim, channel_last), 1)
     return t.transpose(0, 1).reshape(t.shape[1], -1).double().mean(1).cpu() * t.shape[0]
 
 

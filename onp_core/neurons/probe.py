@@ -17,6 +17,11 @@ from torch import fx, nn
 from .discover import NeuronMap, _op_name
 
 
+def channel_dim(ndim: int, channel_last: bool) -> int:
+    """Where a neuron layer's channels are in its output: dim 1, or the last dim of a linear layer over tokens."""
+    return ndim - 1 if channel_last and ndim > 2 else 1
+
+
 def _mask_and_tap(out: torch.Tensor, mask: torch.Tensor | None, tap: list | None,
                   channel_last: bool = False) -> torch.Tensor:
     """Multiply the channel dim by ``mask`` ([C] or [B, C]); append the result to ``tap``.
@@ -24,7 +29,7 @@ def _mask_and_tap(out: torch.Tensor, mask: torch.Tensor | None, tap: list | None
     Channels are dim 1, or the last dim for a linear layer over tokens (``channel_last``); the tap
     always holds them in dim 1 ([B, C, ...]), so every consumer of activations reduces them alike.
     """
-    channel = out.ndim - 1 if channel_last else 1
+    channel = channel_dim(out.ndim, channel_last)
     if mask is not None:
         shape = [1] * out.ndim
         shape[channel] = mask.shape[-1]
@@ -32,7 +37,7 @@ def _mask_and_tap(out: torch.Tensor, mask: torch.Tensor | None, tap: list | None
             shape[0] = mask.shape[0]
         out = out * mask.view(shape).to(out.dtype)
     if tap is not None:
-        tap.append(out.movedim(channel, 1) if channel != 1 else out)
+        tap.append(out.movedim(channel, 1))
     return out
 
 
