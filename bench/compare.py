@@ -47,7 +47,7 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
     result = run_repair(upload, clean, method, {"seed": seed, **options.get(method, {})})
     seconds = time.perf_counter() - t
     after = evaluate(result.model, test, triggered, subject.attack.target)
-    row = {"subject": subject.spec.key(), "dataset": subject.spec.dataset, "attack": subject.spec.attack,
+    row = {"subject": subject.spec.key(), "dataset": subject.spec.dataset, "attack": subject.spec.attack_label(),
            "arch": subject.spec.arch + (" (.pt2)" if as_pt2 else ""), "method": method, "seed": seed,
            "acc_before": before.acc, "asr_before": before.asr,
            "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),

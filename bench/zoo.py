@@ -5,7 +5,9 @@
 The cpu profile is small CNN × {BadNets, Blended, WaNet, SIG} × {CIFAR-10, Fashion-MNIST},
 10% poisoning, target 0. The heldout profile is the same network trained with what ONP's
 defaults were never set on: another target class per attack (3, 6, 9, 2), 5% poisoning and
-another seed. The residual profile is the held-out check on another architecture too: a
+another seed. The triggers profile is the same network with trigger shapes the defaults never saw: a
+4×4 checkerboard in the top-left corner, a 5×5 seeded random patch in the bottom-left, and a smooth
+low-frequency blend key at opacity 0.1, each with its own target, rate and seed. The residual profile is the held-out check on another architecture too: a
 PreAct-ResNet18 of width 16 (residual adds, BN before conv) on CIFAR-10, target 7, 5%
 poisoning; ``bench.compare --as-pt2`` repairs it as an exported program, as a user with an
 unknown architecture would upload it. The fc profile is the classic backdoor-paper network (two
@@ -29,9 +31,15 @@ from onp_core.subjects import Subject, SubjectSpec, cached_subject, is_cached
 
 EPOCHS = {"cifar10": 8, "fashion_mnist": 4}
 ATTACKS = ("badnets", "blended", "wanet", "sig")
-PROFILES = ("cpu", "heldout", "residual", "fc", "gpu")
+PROFILES = ("cpu", "heldout", "triggers", "residual", "fc", "gpu")
 # the held-out profile's per-attack target class and poison rate: none of them is the cpu profile's (target 0, 10%)
 HELDOUT = {"badnets": (3, 0.05), "blended": (6, 0.05), "wanet": (9, 0.05), "sig": (2, 0.05)}
+# the triggers profile: trigger shapes ONP's defaults were never set on (target, poison rate, attack options) per attack
+TRIGGER_VARIANTS = {
+    "badnets": [(1, 0.05, {"pattern": "checker", "size": 4, "position": "top-left"}),
+                (8, 0.1, {"pattern": "random", "size": 5, "position": "bottom-left"})],
+    "blended": [(5, 0.1, {"key": "smooth", "alpha": 0.1})],
+}
 
 
 def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int = 0) -> list[SubjectSpec]:
@@ -41,6 +49,10 @@ def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int =
     if profile == "heldout":
         return [SubjectSpec(arch="small_cnn", dataset=d, attack=a, target=HELDOUT[a][0], poison_rate=HELDOUT[a][1],
                             epochs=EPOCHS[d], seed=seed + 7) for d in datasets for a in attacks]
+    if profile == "triggers":
+        return [SubjectSpec(arch="small_cnn", dataset=d, attack=a, target=t, poison_rate=rate, epochs=EPOCHS[d],
+                            seed=seed + 21, attack_options=opts)
+                for d in datasets for a in attacks for t, rate, opts in TRIGGER_VARIANTS.get(a, [])]
     if profile == "fc":
         return [SubjectSpec(arch="cnn_fc", dataset=d, attack=a, target=5, poison_rate=0.1, epochs=EPOCHS[d],
                             seed=seed + 3) for d in datasets for a in attacks]
@@ -80,7 +92,7 @@ def main() -> None:
         table.add_column(col)
     for r in rows:
         s = r["spec"]
-        table.add_row(s["arch"], s["dataset"], s["attack"], str(s["epochs"]), f"{100 * r['acc']:.2f}",
+        table.add_row(s["arch"], s["dataset"], SubjectSpec(**s).attack_label(), str(s["epochs"]), f"{100 * r['acc']:.2f}",
                       f"{100 * r['asr']:.2f}", f"{100 * r['ra']:.2f}", str(r["train_seconds"]))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,22 @@ class SubjectSpec:
     seed: int = 0
     lr: float = 0.1
     batch_size: int = 128
+    # the attack's own parameters (BadNets pattern/position/size, Blended key/alpha, ...); empty = its defaults
+    attack_options: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
         atk = self.attack or "clean"
-        return f"v{SUBJECT_FORMAT}-{self.arch}-{self.dataset}-{atk}-t{self.target}-p{self.poison_rate:g}-e{self.epochs}-s{self.seed}"
+        key = f"v{SUBJECT_FORMAT}-{self.arch}-{self.dataset}-{atk}-t{self.target}-p{self.poison_rate:g}-e{self.epochs}-s{self.seed}"
+        return key + (f"-{self.options_tag()}" if self.attack_options else "")
+
+    def options_tag(self) -> str:
+        """The attack options as a short, file-name-safe tag (``pattern=checker,size=4``)."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.attack_options.items()))
+
+    def attack_label(self) -> str:
+        """The attack as benchmark tables name it: its name, with its options when they are not the defaults."""
+        atk = self.attack or "none"
+        return f"{atk}[{self.options_tag()}]" if self.attack_options else atk
 
 
 @dataclass
@@ -61,7 +73,7 @@ def train_subject(spec: SubjectSpec, out: Path, on_epoch: Callable[[int, int, di
                   device: str = "auto") -> Subject:
     t0 = time.time()
     train = load_dataset(spec.dataset, "train")
-    attack = make_attack(spec.attack, target=spec.target, seed=spec.seed) if spec.attack else None
+    attack = make_attack(spec.attack, target=spec.target, seed=spec.seed, **spec.attack_options) if spec.attack else None
     if attack is not None:
         train = attack.poison_training_set(train, spec.poison_rate, defer_trigger=True)
         if hasattr(attack, "noise_fraction"):

@@ -51,6 +51,44 @@ def test_attacks_poison_and_trigger_as_specified(name: str, small_real_set: Imag
     assert torch.equal(triggered.images, again.images), "triggers are deterministic"
 
 
+@pytest.mark.parametrize("options,changed", [
+    ({"pattern": "checker", "size": 4, "position": "top-left"}, (slice(1, 5), slice(1, 5))),
+    ({"pattern": "random", "size": 5, "position": "bottom-left"}, (slice(26, 31), slice(1, 6))),
+    ({"pattern": "white", "size": 3, "position": "center"}, (slice(14, 17), slice(14, 17))),
+])
+def test_patch_options_stamp_their_pattern_where_asked(options: dict, changed: tuple, small_real_set: ImageSet) -> None:
+    """The held-out trigger shapes (bench ``triggers`` profile) change exactly the patch they describe."""
+    x = small_real_set.images[:8].float() / 255
+    y = make_attack("badnets", target=1, **options).apply(x)
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[changed] = True
+    assert torch.equal(y[..., ~inside], x[..., ~inside]), "nothing outside the patch may change"
+    patch = y[..., inside].reshape(8, 3, -1)
+    assert torch.equal(patch, patch[:1].expand_as(patch)), "the patch is the same on every image"
+    if options["pattern"] == "checker":
+        assert set(patch.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="position"):
+        make_attack("badnets", position="middle")
+
+
+def test_smooth_blend_key_is_low_frequency_and_seeded(small_real_set: ImageSet) -> None:
+    smooth, noise = make_attack("blended", key="smooth", seed=4), make_attack("blended", seed=4)
+    shape = small_real_set.images.shape
+    key, rough = smooth.pattern(shape), noise.pattern(shape)
+    assert torch.equal(key, make_attack("blended", key="smooth", seed=4).pattern(shape))
+    # neighbouring pixels of a 4×4 grid upsampled to 32 px differ by far less than independent noise does
+    assert (key[..., 1:] - key[..., :-1]).abs().mean() < 0.2 * (rough[..., 1:] - rough[..., :-1]).abs().mean()
+
+
+def test_attack_options_key_the_subject_cache() -> None:
+    from onp_core.subjects import SubjectSpec
+
+    plain = SubjectSpec(dataset="fashion_mnist", attack="badnets")
+    checker = SubjectSpec(dataset="fashion_mnist", attack="badnets", attack_options={"pattern": "checker"})
+    assert plain.key() == "v2-small_cnn-fashion_mnist-badnets-t0-p0.1-e10-s0", "default subjects keep their cache key"
+    assert checker.key() != plain.key() and checker.attack_label() == "badnets[pattern=checker]"
+
+
 @pytest.mark.slow
 def test_per_class_accuracy_catches_an_erased_class(fmnist_badnets_subject) -> None:
     """Suppressing one class's logit erases it; overall accuracy hides it, the per-class check does not."""
