@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onp_core.subjects import Subject, SubjectSpec, cached_subject, is_cached
@@ -92,7 +93,7 @@ def main() -> None:
         table.add_column(col)
     for r in rows:
         s = r["spec"]
-        table.add_row(s["arch"], s["dataset"], SubjectSpec(**s).attack_label(), str(s["epochs"]), f"{100 * r['acc']:.2f}",
+        table.add_row(s["arch"], s["dataset"], escape(SubjectSpec(**s).attack_label()), str(s["epochs"]), f"{100 * r['acc']:.2f}",
                       f"{100 * r['asr']:.2f}", f"{100 * r['ra']:.2f}", str(r["train_seconds"]))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

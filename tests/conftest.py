@@ -20,10 +20,14 @@ CIFAR_BADNETS = SubjectSpec(arch="small_cnn", dataset="cifar10", attack="badnets
 FMNIST_BADNETS = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="badnets", epochs=4)
 FMNIST_WANET = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="wanet", epochs=4)
 FMNIST_CLEAN = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack=None, epochs=2)
+# a trigger shape, place, target, poison rate and seed ONP's defaults were never set on (bench ``triggers`` profile)
+FMNIST_CHECKER = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="badnets", target=1, poison_rate=0.05,
+                             epochs=4, seed=21, attack_options={"pattern": "checker", "size": 4, "position": "top-left"})
 
 
 _SUBJECT_FIXTURES = {"cifar_badnets_subject": CIFAR_BADNETS, "fmnist_badnets_subject": FMNIST_BADNETS,
-                     "fmnist_clean_subject": FMNIST_CLEAN, "fmnist_wanet_subject": FMNIST_WANET}
+                     "fmnist_clean_subject": FMNIST_CLEAN, "fmnist_wanet_subject": FMNIST_WANET,
+                     "fmnist_checker_subject": FMNIST_CHECKER}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -51,6 +55,12 @@ def fmnist_badnets_subject() -> Subject:
 def fmnist_wanet_subject() -> Subject:
     """A full-image, warp-shaped trigger: what the mask family alone did not detect."""
     return cached_subject(FMNIST_WANET)
+
+
+@pytest.fixture(scope="session")
+def fmnist_checker_subject() -> Subject:
+    """A 4×4 checkerboard in the top-left corner, aimed at class 1, 5% poisoning: a held-out trigger."""
+    return cached_subject(FMNIST_CHECKER)
 
 
 @pytest.fixture(scope="session")
