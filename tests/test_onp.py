@@ -433,3 +433,72 @@ def test_reattack_weighs_each_suspect_by_its_excess_over_natural_rivals(monkeypa
     assert out.suspects == [0]
     out, evidence = ra.reattack(None, ts, batch, rivals=0)
     assert evidence == {} and torch.equal(out.weights, ts.weights), "no rivals: the weights stand"
+
+
+def test_relative_trigger_score_gives_nothing_for_erasing_the_suspect_class(monkeypatch) -> None:
+    """Lowering a suspect's synthesised-trigger probability by erasing its class scores like cutting the
+    shortcut in the plain score; the relative score (``score_relative``) tells them apart (docs/ONP.md §1p)."""
+    from types import SimpleNamespace
+
+    from onp_core.defenses.onp import reward as rw
+    from onp_core.defenses.onp.context import Batch
+    from onp_core.defenses.onp.synth import TriggerSet
+
+    weights = torch.tensor([0.0, 0.0, 1.0])
+    ts = TriggerSet(family=["mask"] * 3, params=[{}] * 3, cost=torch.ones(3), success=torch.ones(3),
+                    anomaly=torch.tensor([0.0, 0.0, 4.0]), weights=weights)
+    # "stamping" marks an image by adding 10; neuron 0 carries the shortcut, neuron 1 class 2's own evidence
+    monkeypatch.setattr(rw, "triggered_images", lambda t, b, classes, limit: (
+        b.x[b.y != 2] + 10, torch.full((int((b.y != 2).sum()),), 2, dtype=torch.long)))
+
+    class Cache:
+        def __init__(self, x: torch.Tensor) -> None:
+            self.x = x
+
+        def logits(self, keep: torch.Tensor | None) -> torch.Tensor:
+            keep = torch.ones(2) if keep is None else keep
+            stamped = self.x.flatten(1)[:, 0] >= 10
+            own = self.x.flatten(1)[:, 0] == 2  # the clean images of class 2 (x holds the label)
+            out = torch.zeros(len(self.x), 3)
+            out[:, 2] = torch.where(stamped, 4 * keep[0] + 4 * keep[1] - 2, torch.where(own, 4 * keep[1], 0.0))
+            return out
+
+    ctx = SimpleNamespace(prefix_cache=Cache)
+    y = torch.arange(30) % 3
+    batch = Batch(y.float().view(-1, 1, 1, 1), y)
+    cut, erased = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])
+    plain = rw.SynthesizedTriggerScore(ctx, batch, ts)
+    relative = rw.SynthesizedTriggerScore(ctx, batch, ts, relative=True)
+    assert plain(cut) == pytest.approx(plain(erased)), "the plain score cannot tell erasure from a cut"
+    assert relative(cut) == pytest.approx(plain(cut)), "a cut that keeps the class scores as before"
+    assert relative(erased) == pytest.approx(1.0), "erasing the class buys nothing"
+    assert relative(erased) > relative(cut) + 0.2
+    assert relative(torch.ones(2)) == pytest.approx(plain(torch.ones(2)))
+
+
+def test_joint_mask_ranks_neurons_that_cut_the_synthesised_trigger(fmnist_badnets_subject, fmnist_clean_500) -> None:
+    """The joint mask (``joint_mask`` option, off by default) scores every neuron in [0, 1]; pruning its top
+    ten neurons lowers the suspect's synthesised-trigger probability far more than pruning its lowest ten.
+
+    Ten, not three: the soft mask spreads the cut over a set (measured here: its top 3 alone leave the synthesised
+    trigger at 0.96, its top 10 at 0.10), where leave-one-out finds 2–4 neurons that each cut much of it."""
+    from onp_core.defenses.onp.context import Batch, ModelContext
+    from onp_core.defenses.onp.families import optimise_family
+    from onp_core.defenses.onp.joint import joint_mask_scores
+    from onp_core.defenses.onp.synth import combine_families, target_probability
+
+    ctx = ModelContext(fmnist_badnets_subject.model, torch.device("cpu"))
+    batch = Batch.from_set(fmnist_clean_500, torch.device("cpu"))
+    ts = combine_families([optimise_family(ctx, batch, 10, "mask", steps=40, restarts=1)], 1.5, 2.5, 0.5)
+    ts.weights.zero_()
+    assert torch.equal(joint_mask_scores(ctx, ts, batch, steps=5), torch.zeros(ctx.total)), "no suspect, no score"
+    ts.weights[fmnist_badnets_subject.attack.target] = 1.0
+    scores = joint_mask_scores(ctx, ts, batch, steps=40)
+    assert scores.shape == (ctx.total,) and float(scores.min()) >= 0 and float(scores.max()) <= 1
+    order = scores.argsort(descending=True)
+    top, bottom = torch.ones(ctx.total), torch.ones(ctx.total)
+    top[order[:10]] = 0
+    bottom[order[-10:]] = 0
+    p = {name: target_probability(ctx, ts, batch, keep)[fmnist_badnets_subject.attack.target]
+         for name, keep in (("none", None), ("top", top), ("bottom", bottom))}
+    assert p["top"] < p["none"] - 0.5 and p["top"] < p["bottom"] - 0.5, p

@@ -27,7 +27,7 @@ class NeuronEffects:
     exact: torch.Tensor  # [total] bool: leave-one-out measured (True) or Taylor estimate (False)
 
 
-def _triggered(triggers: TriggerSet, batch: Batch, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def strong_suspect_images(triggers: TriggerSet, batch: Batch, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images carrying each strong suspect's trigger, their suspect class, and per-image weights.
 
     A suspect's weight is spread over its images, so the weighted sum of target
@@ -84,7 +84,7 @@ def neuron_effects(ctx: ModelContext, triggers: TriggerSet, batch: Batch, limit:
                    images: int = 128) -> NeuronEffects:
     """Leave-one-out effects for the top-``limit`` Taylor suspects, Taylor elsewhere."""
     x_clean, y_clean = batch.x[:images], batch.y[:images]
-    x_trig, t_trig, w_trig = _triggered(triggers, batch, images)
+    x_trig, t_trig, w_trig = strong_suspect_images(triggers, batch, images)
     drop, rise = _taylor(ctx, x_clean, y_clean, x_trig, t_trig, w_trig)
     exact = torch.zeros(ctx.total, dtype=torch.bool)
     if limit > 0:

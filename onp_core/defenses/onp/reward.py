@@ -81,28 +81,59 @@ class Combined:
 
 
 class SynthesizedTriggerScore:
+    """Σ_k w_k · p_k over the suspects' triggered images.
+
+    With ``relative``, each suspect's term is divided by the share of class k's own clean confidence the
+    candidate keeps (mean p_k on clean images of class k, against the unpruned model's), capped at 1. A
+    candidate can lower p_k under the trigger by cutting the shortcut or by erasing class k itself; the
+    second lowers the clean confidence as much and so buys nothing here (docs/ONP.md §1m, §1p).
+    """
+
     name = "synth"
 
-    def __init__(self, ctx: ModelContext, batch: Batch, triggers: TriggerSet, limit: int = 128):
+    def __init__(self, ctx: ModelContext, batch: Batch, triggers: TriggerSet, limit: int = 128,
+                 relative: bool = False, clean_limit: int = 64):
         self.triggers = triggers
         x, self.owner = triggered_images(triggers, batch, triggers.suspects, limit)
         self.cache = ctx.prefix_cache(x)
         # Σ_k w_k · mean_{rows of k} p_k = Σ_rows row_weight · p_row
         counts = torch.bincount(self.owner, minlength=len(triggers.weights)).clamp_min(1).to(self.owner.device)
         self.row_weight = triggers.weights.to(self.owner.device)[self.owner] / counts[self.owner]
+        self.clean_cache = None
+        if relative and triggers.suspects:
+            own = [(k, batch.x[batch.y == k][:clean_limit]) for k in triggers.suspects]
+            own = [(k, xk) for k, xk in own if len(xk)]
+            if own:
+                self.clean_owner = torch.cat([torch.full((len(xk),), k, dtype=torch.long) for k, xk in own])
+                self.clean_owner = self.clean_owner.to(batch.x.device)
+                self.clean_cache = ctx.prefix_cache(torch.cat([xk for _, xk in own]))
+                self.clean_ref = self._class_confidence(None).clamp_min(1e-6)
+
+    def _class_confidence(self, keep: torch.Tensor | None) -> torch.Tensor:
+        """[classes] mean p_k over the clean images of class k (0 where there are none)."""
+        assert self.clean_cache is not None
+        p = self.clean_cache.logits(keep).softmax(1).gather(1, self.clean_owner[:, None]).squeeze(1)
+        k = len(self.triggers.weights)
+        sums = torch.zeros(k, device=p.device).index_add_(0, self.clean_owner, p)
+        counts = torch.bincount(self.clean_owner, minlength=k).clamp_min(1)
+        return sums / counts
 
     def __call__(self, keep: torch.Tensor) -> float:
         if len(self.owner) == 0:
             return 0.0
         probs = self.cache.logits(keep).softmax(1).gather(1, self.owner[:, None]).squeeze(1)
+        if self.clean_cache is not None:
+            kept = (self._class_confidence(keep) / self.clean_ref).clamp(0.05, 1.0)
+            probs = (probs / kept[self.owner]).clamp(max=1.0)
         return float((probs * self.row_weight).sum())
 
 
 def make_score(name: str, ctx: ModelContext, batch: Batch, num_classes: int, triggers: TriggerSet,
-               unlearned: Callable[[], ModelContext], eps: float = 0.3, seed: int = 0) -> Callable[[torch.Tensor], float]:
+               unlearned: Callable[[], ModelContext], eps: float = 0.3, seed: int = 0,
+               relative: bool = False) -> Callable[[torch.Tensor], float]:
     """The backdoor score ``name``; ``unlearned`` builds the clean-unlearned model on first need."""
     if name == "synth":
-        return SynthesizedTriggerScore(ctx, batch, triggers)
+        return SynthesizedTriggerScore(ctx, batch, triggers, relative=relative)
     if name == "unlearn":
         return UnlearnedDominance(unlearned(), batch, num_classes)
     if name == "perturb":

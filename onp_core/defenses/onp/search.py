@@ -31,6 +31,7 @@ from .families import FAMILIES
 from .features import FEATURE_NAMES, anp_masks, compute_features, rnp_masks, unlearn
 from .gnn import PolicyValueNet
 from .graph import build_graphs
+from .joint import joint_mask_scores
 from .reattack import reattack
 from .reward import SCORES, Reward, make_score
 from .synth import TriggerSet, activation_gain, stamp_some, synthesize_triggers
@@ -59,6 +60,9 @@ class Config(DefenseConfig):
                                  "before RL (0: start from a uniform policy)")
     lambda_b: float = Field(4.0, ge=0, description="weight of the backdoor score (2 → 4 measured: CIFAR-10 BadNets "
                             "DER 90.2 → 93.8, the other five subjects within 0.3, docs/BENCHMARKS.md)")
+    score_relative: bool = Field(False, description="divide each suspect's synthesised-trigger score by the share "
+                                 "of its class's clean confidence a candidate keeps, so erasing the class buys nothing "
+                                 "(reward.py, docs/ONP.md §1p)")
     lambda_s: float = Field(0.2, ge=0, description="weight of the fraction of neurons pruned")
     max_flips: float = Field(0.03, ge=0, le=1, description="share of clean predictions a candidate may change "
                              "before the steep penalty starts")
@@ -89,6 +93,10 @@ class Config(DefenseConfig):
     halving_flips_low: float = Field(0.15, ge=0, le=1, description="share of flipped clean predictions up to which "
                                      "a suspect keeps its full weight")
     halving_flips_high: float = Field(0.30, ge=0, le=1, description="… from which it gets no weight")
+    joint_mask: Literal["off", "candidates", "prior", "both"] = Field(
+        "off", description="a soft mask over all neurons optimised against the suspects' triggers with the clean "
+        "predictions held (joint.py): its ranking swept as extra candidates, mixed into the imitation prior, or both")
+    joint_steps: int = Field(100, ge=0, description="Adam steps of the joint mask")
     effect_neurons: int = Field(64, ge=0, description="neurons whose leave-one-out effect is measured exactly")
     effect_images: int = Field(96, ge=16, description="clean images per leave-one-out measurement")
     reward_samples: int = Field(512, ge=32, description="clean images per reward evaluation (speed)")
@@ -120,9 +128,13 @@ def _keep_key(keep: torch.Tensor) -> bytes:
     return bytes(torch.nonzero(keep == 0).flatten().to(torch.int32).numpy().tobytes())
 
 
-def _greedy_candidates(effects: Any, ctx: ModelContext, reward: Reward, cfg: Config) -> list[tuple[float, torch.Tensor]]:
-    """Ablation: rank neurons by the same leave-one-out backdoor drop, sweep the count, keep every reward."""
-    order = effects.backdoor_drop.argsort(descending=True)
+def _ranked_candidates(scores: torch.Tensor, ctx: ModelContext, reward: Reward, cfg: Config
+                       ) -> list[tuple[float, torch.Tensor]]:
+    """Prune the top-k neurons of ``scores`` for k swept log-spaced up to the prune limit; every reward is kept.
+
+    The greedy ablation sweeps the leave-one-out drop; ``joint_mask`` sweeps the joint mask's scores.
+    """
+    order = scores.argsort(descending=True)
     max_k = max(1, int(cfg.max_prune_fraction * ctx.total))
     counts = sorted({max(1, round(float(v))) for v in torch.logspace(0, math.log10(max_k), 24)})
     out = []
@@ -214,6 +226,8 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
         return unlearned_cache[0]
 
     effects = neuron_effects(ctx, triggers, search, cfg.effect_neurons, cfg.effect_images)
+    joint = (joint_mask_scores(ctx, triggers, search, cfg.joint_steps, images=cfg.effect_images)
+             if cfg.joint_mask != "off" else None)
     anp = anp_masks(ctx, search, steps=cfg.anp_steps, seed=cfg.seed) if cfg.anp_steps else None
     rnp = rnp_masks(unlearned(), search, epochs=cfg.rnp_epochs, seed=cfg.seed) if cfg.rnp_epochs else None
     features = compute_features(ctx, search, effects, activation_gain(ctx, triggers, search), anp, rnp)
@@ -223,15 +237,20 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
     n = min(len(search.x), cfg.reward_samples)
     reward_batch = Batch(search.x[:n], search.y[:n])
     reward = Reward(ctx, reward_batch, make_score(cfg.score, ctx, reward_batch, num_classes, triggers, unlearned,
-                                                  cfg.perturb_eps, cfg.seed), cfg.lambda_b, cfg.lambda_s,
+                                                  cfg.perturb_eps, cfg.seed, cfg.score_relative), cfg.lambda_b, cfg.lambda_s,
                     cfg.max_flips, lambda_drop, references[0][:n], cfg.max_class_loss)
     t = time.perf_counter()
     if cfg.policy == "rl":
-        prior = prior_probabilities(effects.backdoor_drop) if cfg.imitation_steps else None
+        drop = effects.backdoor_drop
+        if joint is not None and cfg.joint_mask in ("prior", "both"):
+            drop = torch.maximum(drop.clamp_min(0) / drop.max().clamp_min(1e-12), joint)
+        prior = prior_probabilities(drop) if cfg.imitation_steps else None
         candidates, greedy = _rl_candidates(graphs, ctx, reward, cfg, prior, progress, trace)
         candidates.append((reward(greedy).reward, greedy))
     else:
-        candidates = _greedy_candidates(effects, ctx, reward, cfg)
+        candidates = _ranked_candidates(effects.backdoor_drop, ctx, reward, cfg)
+    if joint is not None and cfg.joint_mask in ("candidates", "both"):
+        candidates += _ranked_candidates(joint, ctx, reward, cfg)
     timing["search"] = timing.get("search", 0.0) + time.perf_counter() - t
 
     t = time.perf_counter()
@@ -239,7 +258,7 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
     unpruned = torch.ones(ctx.total)
     shortlist = sorted(candidates, key=lambda c: c[0], reverse=True)[:cfg.top_k] + [(reward(unpruned).reward, unpruned)]
     holdout_reward = Reward(ctx, holdout, make_score(cfg.score, ctx, holdout, num_classes, triggers, unlearned,
-                                                     cfg.perturb_eps, cfg.seed), cfg.lambda_b, cfg.lambda_s,
+                                                     cfg.perturb_eps, cfg.seed, cfg.score_relative), cfg.lambda_b, cfg.lambda_s,
                             cfg.max_flips, lambda_drop, references[1], cfg.max_class_loss)
     scored = [(holdout_reward(keep), keep) for _, keep in shortlist]
     # The held-out split alone is ~100 images (±4 points of accuracy noise); the pooled
