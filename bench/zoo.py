@@ -7,9 +7,9 @@ The cpu profile is small CNN × {BadNets, Blended, WaNet, SIG} × {CIFAR-10, Fas
 defaults were never set on: another target class per attack (3, 6, 9, 2), 5% poisoning and
 another seed. The triggers profile is the same network with trigger shapes the defaults never saw: a
 4×4 checkerboard in the top-left corner, a 5×5 seeded random patch in the bottom-left, and a smooth
-low-frequency blend key at opacity 0.1, each with its own target, rate and seed. The residual profile is the held-out check on another architecture too: a
-PreAct-ResNet18 of width 16 (residual adds, BN before conv) on CIFAR-10, target 7, 5%
-poisoning; ``bench.compare --as-pt2`` repairs it as an exported program, as a user with an
+low-frequency blend key at opacity 0.1, each with its own target, rate and seed. The residual profile
+is the held-out check on another architecture too: a PreAct-ResNet18 of width 16 (residual adds, BN
+before conv) on CIFAR-10, target 7, 5% poisoning; ``bench.compare --as-pt2`` repairs it as an exported program, as a user with an
 unknown architecture would upload it. The fc profile is the classic backdoor-paper network (two
 conv layers without BN, a hidden fully-connected layer: ``cnn_fc``), target 5, 10% poisoning,
 another seed: neurons without BN and hidden linear units. The gpu profile trains PreAct-ResNet18 and VGG16-BN
@@ -93,8 +93,8 @@ def main() -> None:
         table.add_column(col)
     for r in rows:
         s = r["spec"]
-        table.add_row(s["arch"], s["dataset"], escape(SubjectSpec(**s).attack_label()), str(s["epochs"]), f"{100 * r['acc']:.2f}",
-                      f"{100 * r['asr']:.2f}", f"{100 * r['ra']:.2f}", str(r["train_seconds"]))
+        table.add_row(s["arch"], s["dataset"], escape(SubjectSpec(**s).attack_label()), str(s["epochs"]),
+                      f"{100 * r['acc']:.2f}", f"{100 * r['asr']:.2f}", f"{100 * r['ra']:.2f}", str(r["train_seconds"]))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(merge_rows(args.out, rows), indent=2))

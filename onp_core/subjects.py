@@ -42,7 +42,8 @@ class SubjectSpec:
 
     def key(self) -> str:
         atk = self.attack or "clean"
-        key = f"v{SUBJECT_FORMAT}-{self.arch}-{self.dataset}-{atk}-t{self.target}-p{self.poison_rate:g}-e{self.epochs}-s{self.seed}"
+        key = (f"v{SUBJECT_FORMAT}-{self.arch}-{self.dataset}-{atk}-t{self.target}-p{self.poison_rate:g}"
+               f"-e{self.epochs}-s{self.seed}")
         return key + (f"-{self.options_tag()}" if self.attack_options else "")
 
     def options_tag(self) -> str:
@@ -73,7 +74,8 @@ def train_subject(spec: SubjectSpec, out: Path, on_epoch: Callable[[int, int, di
                   device: str = "auto") -> Subject:
     t0 = time.time()
     train = load_dataset(spec.dataset, "train")
-    attack = make_attack(spec.attack, target=spec.target, seed=spec.seed, **spec.attack_options) if spec.attack else None
+    attack = (make_attack(spec.attack, target=spec.target, seed=spec.seed, **spec.attack_options)
+              if spec.attack else None)
     if attack is not None:
         train = attack.poison_training_set(train, spec.poison_rate, defer_trigger=True)
         if hasattr(attack, "noise_fraction"):

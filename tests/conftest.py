@@ -22,7 +22,8 @@ FMNIST_WANET = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="wa
 FMNIST_CLEAN = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack=None, epochs=2)
 # a trigger shape, place, target, poison rate and seed ONP's defaults were never set on (bench ``triggers`` profile)
 FMNIST_CHECKER = SubjectSpec(arch="small_cnn", dataset="fashion_mnist", attack="badnets", target=1, poison_rate=0.05,
-                             epochs=4, seed=21, attack_options={"pattern": "checker", "size": 4, "position": "top-left"})
+                             epochs=4, seed=21,
+                             attack_options={"pattern": "checker", "size": 4, "position": "top-left"})
 
 
 _SUBJECT_FIXTURES = {"cifar_badnets_subject": CIFAR_BADNETS, "fmnist_badnets_subject": FMNIST_BADNETS,

@@ -58,7 +58,8 @@ def policy_loss(episodes: list[Episode], returns: torch.Tensor, entropy_coef: fl
     return loss / len(episodes)
 
 
-def prior_probabilities(backdoor_drop: torch.Tensor, top: float = 0.5, floor_count: float = 0.5) -> torch.Tensor:
+def prior_probabilities(backdoor_drop: torch.Tensor, joint: torch.Tensor | None = None, top: float = 0.5,
+                        floor_count: float = 0.5) -> torch.Tensor:
     """Per-neuron prune probabilities the policy starts from, before any reward is seen.
 
     ∝ the squared, max-scaled leave-one-out backdoor drop: the few neurons whose removal
@@ -66,9 +67,14 @@ def prior_probabilities(backdoor_drop: torch.Tensor, top: float = 0.5, floor_cou
     ``floor_count / N``. Measured (docs/ONP.md): from a uniform start the agent sampled
     the one decisive neuron of a 224-neuron CNN about twice in 240 episodes and never
     learned it; the search decides *which combination*, the prior only says where to look.
+    ``joint`` (scores in [0, 1], ``joint.py``) raises each neuron's scaled drop to its joint score where
+    that is higher (the ``joint_mask`` option, docs/ONP.md §1p).
     """
     drop = backdoor_drop.clamp_min(0)
     scaled = drop / drop.max().clamp_min(1e-12)
+    if joint is not None:
+        scaled = torch.maximum(scaled, joint)
+        scaled = scaled / scaled.max().clamp_min(1e-12)  # a no-op unless every drop is ≤ 0
     return (top * scaled ** 2).clamp_min(floor_count / max(1, drop.numel())).clamp(max=top)
 
 

@@ -27,7 +27,8 @@ class NeuronEffects:
     exact: torch.Tensor  # [total] bool: leave-one-out measured (True) or Taylor estimate (False)
 
 
-def strong_suspect_images(triggers: TriggerSet, batch: Batch, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def strong_suspect_images(triggers: TriggerSet, batch: Batch, limit: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images carrying each strong suspect's trigger, their suspect class, and per-image weights.
 
     A suspect's weight is spread over its images, so the weighted sum of target

@@ -101,12 +101,10 @@ class SynthesizedTriggerScore:
         self.row_weight = triggers.weights.to(self.owner.device)[self.owner] / counts[self.owner]
         self.clean_cache = None
         if relative and triggers.suspects:
-            own = [(k, batch.x[batch.y == k][:clean_limit]) for k in triggers.suspects]
-            own = [(k, xk) for k, xk in own if len(xk)]
-            if own:
-                self.clean_owner = torch.cat([torch.full((len(xk),), k, dtype=torch.long) for k, xk in own])
-                self.clean_owner = self.clean_owner.to(batch.x.device)
-                self.clean_cache = ctx.prefix_cache(torch.cat([xk for _, xk in own]))
+            own = torch.cat([torch.nonzero(batch.y == k).flatten()[:clean_limit] for k in triggers.suspects])
+            if len(own):
+                self.clean_owner = batch.y[own]
+                self.clean_cache = ctx.prefix_cache(batch.x[own])
                 self.clean_ref = self._class_confidence(None).clamp_min(1e-6)
 
     def _class_confidence(self, keep: torch.Tensor | None) -> torch.Tensor:

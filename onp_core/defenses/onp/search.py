@@ -226,30 +226,39 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
         return unlearned_cache[0]
 
     effects = neuron_effects(ctx, triggers, search, cfg.effect_neurons, cfg.effect_images)
-    joint = (joint_mask_scores(ctx, triggers, search, cfg.joint_steps, images=cfg.effect_images)
-             if cfg.joint_mask != "off" else None)
     anp = anp_masks(ctx, search, steps=cfg.anp_steps, seed=cfg.seed) if cfg.anp_steps else None
     rnp = rnp_masks(unlearned(), search, epochs=cfg.rnp_epochs, seed=cfg.seed) if cfg.rnp_epochs else None
     features = compute_features(ctx, search, effects, activation_gain(ctx, triggers, search), anp, rnp)
     graphs = build_graphs(ctx, features.select(tuple(cfg.features)), cfg.epsilon, cfg.delta)
     timing["features_and_graphs"] = timing.get("features_and_graphs", 0.0) + time.perf_counter() - t
 
+    # the joint mask only where something reads it: 100 forward-backward steps, a large share of a small repair
+    joint_prior = cfg.joint_mask in ("prior", "both") and cfg.policy == "rl" and cfg.imitation_steps > 0
+    joint_candidates = cfg.joint_mask in ("candidates", "both")
+    joint = None
+    if joint_prior or joint_candidates:
+        t = time.perf_counter()
+        joint = joint_mask_scores(ctx, triggers, search, cfg.joint_steps, images=cfg.effect_images)
+        timing["joint_mask"] = timing.get("joint_mask", 0.0) + time.perf_counter() - t
+
+    def reward_on(batch: Batch, reference: torch.Tensor) -> Reward:
+        score = make_score(cfg.score, ctx, batch, num_classes, triggers, unlearned, cfg.perturb_eps, cfg.seed,
+                           cfg.score_relative)
+        return Reward(ctx, batch, score, cfg.lambda_b, cfg.lambda_s, cfg.max_flips, lambda_drop, reference,
+                      cfg.max_class_loss)
+
     n = min(len(search.x), cfg.reward_samples)
     reward_batch = Batch(search.x[:n], search.y[:n])
-    reward = Reward(ctx, reward_batch, make_score(cfg.score, ctx, reward_batch, num_classes, triggers, unlearned,
-                                                  cfg.perturb_eps, cfg.seed, cfg.score_relative), cfg.lambda_b, cfg.lambda_s,
-                    cfg.max_flips, lambda_drop, references[0][:n], cfg.max_class_loss)
+    reward = reward_on(reward_batch, references[0][:n])
     t = time.perf_counter()
     if cfg.policy == "rl":
-        drop = effects.backdoor_drop
-        if joint is not None and cfg.joint_mask in ("prior", "both"):
-            drop = torch.maximum(drop.clamp_min(0) / drop.max().clamp_min(1e-12), joint)
-        prior = prior_probabilities(drop) if cfg.imitation_steps else None
+        prior = (prior_probabilities(effects.backdoor_drop, joint if joint_prior else None)
+                 if cfg.imitation_steps else None)
         candidates, greedy = _rl_candidates(graphs, ctx, reward, cfg, prior, progress, trace)
         candidates.append((reward(greedy).reward, greedy))
     else:
         candidates = _ranked_candidates(effects.backdoor_drop, ctx, reward, cfg)
-    if joint is not None and cfg.joint_mask in ("candidates", "both"):
+    if joint is not None and joint_candidates:
         candidates += _ranked_candidates(joint, ctx, reward, cfg)
     timing["search"] = timing.get("search", 0.0) + time.perf_counter() - t
 
@@ -257,9 +266,7 @@ def _search_round(ctx: ModelContext, search: Batch, holdout: Batch, references: 
     report(progress, cfg.iterations, cfg.iterations, "select")
     unpruned = torch.ones(ctx.total)
     shortlist = sorted(candidates, key=lambda c: c[0], reverse=True)[:cfg.top_k] + [(reward(unpruned).reward, unpruned)]
-    holdout_reward = Reward(ctx, holdout, make_score(cfg.score, ctx, holdout, num_classes, triggers, unlearned,
-                                                     cfg.perturb_eps, cfg.seed, cfg.score_relative), cfg.lambda_b, cfg.lambda_s,
-                            cfg.max_flips, lambda_drop, references[1], cfg.max_class_loss)
+    holdout_reward = reward_on(holdout, references[1])
     scored = [(holdout_reward(keep), keep) for _, keep in shortlist]
     # The held-out split alone is ~100 images (±4 points of accuracy noise); the pooled
     # estimate over both clean splits ranks the shortlist, the held-out numbers are reported.
