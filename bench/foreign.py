@@ -64,7 +64,10 @@ def trained_program(arch: str) -> ImageClassifier:
     return load_model(path).model
 
 
-def run(arch: str, methods: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+def run(arch: str, methods: list[str], seeds: list[int], options: dict[str, Any] | None = None
+        ) -> list[dict[str, Any]]:
+    """Repair the cached program of ``arch`` with every method and seed; ``options`` per method, as in bench.compare."""
+    options = options or {}
     model = trained_program(arch)
     attack = make_attack(ATTACK, target=TARGET, seed=SEED)
     test = load_dataset(DATASET, "test")
@@ -75,13 +78,14 @@ def run(arch: str, methods: list[str], seeds: list[int]) -> list[dict[str, Any]]
         clean = balanced_subset(load_dataset(DATASET, "train"), 500, seed=100 + seed)
         for method in methods:
             t = time.perf_counter()
-            result = run_repair(model, clean, method, {"seed": seed})
+            result = run_repair(model, clean, method, {"seed": seed, **options.get(method, {})})
             seconds = time.perf_counter() - t
             after = evaluate(result.model, test, triggered, TARGET)
             row = {"subject": f"foreign-{arch}", "dataset": f"{DATASET} ({arch}, .pt2)", "attack": ATTACK,
                    "arch": arch, "method": method, "seed": seed, "acc_before": before.acc, "asr_before": before.asr,
                    "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
-                   "pruned": result.num_pruned, "seconds": seconds, "layers": {k: len(v) for k, v in result.pruned.items()}}
+                   "pruned": result.num_pruned, "seconds": seconds, "layers": {k: len(v) for k, v in result.pruned.items()},
+                   "options": options.get(method, {})}
             row.update({k: result.details[k] for k in ("suspects", "verdict", "finetune_undone")
                         if result.details.get(k) is not None})
             rows.append(row)
@@ -95,14 +99,16 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--methods", nargs="+", default=["onp", "clp", "fp"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--options", default="{}", help='per-method options JSON, e.g. {"onp": {"joint_mask": "both"}}')
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/foreign"))
     args = parser.parse_args()
-    rows = [row for arch in args.archs for row in run(arch, args.methods, args.seeds)]
+    options = json.loads(args.options)
+    rows = [row for arch in args.archs for row in run(arch, args.methods, args.seeds, options)]
     args.out.mkdir(parents=True, exist_ok=True)
     header = (f"## foreign architectures as .pt2 — {date.today()} — {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
               f"Command: `python -m bench.foreign --archs {' '.join(args.archs)} --methods {' '.join(args.methods)} "
-              f"--seeds {' '.join(map(str, args.seeds))}`")
+              f"--seeds {' '.join(map(str, args.seeds))} --options '{args.options}'`")
     (args.out / "foreign.json").write_text(json.dumps(rows, indent=2))
     (args.out / "foreign.md").write_text(markdown(rows, header))
     plot(rows, args.out / "foreign.png")
