@@ -1,6 +1,6 @@
 """Backdoored networks of architectures the registry does not know, repaired as `.pt2` uploads.
 
-    .venv/bin/python -m bench.foreign [--archs se dense groupnorm pad vit] [--methods onp clp fp]
+    .venv/bin/python -m bench.foreign [--archs se dense groupnorm pad mobile vit] [--methods onp clp fp]
 
 Each network (``bench.foreign_models``) is trained on Fashion-MNIST with BadNets aimed at class 4,
 10% poisoning, seed 11 — a target, seed and architecture the ONP defaults were never set on —
@@ -40,6 +40,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], float]] = {
     "dense": (lambda: fm.DenseBlocks(1, 32), 0.05),
     "groupnorm": (lambda: fm.GroupNormNet(1, 32), 0.05),
     "pad": (lambda: fm.PadShortcut(1, 32), 0.05),
+    "mobile": (lambda: fm.MobileBlock(1, 16), 0.05),
     "vit": (lambda: fm.TinyViT(1, image=28, patch=4, dim=64, depth=2), 0.01),
 }
 

@@ -141,6 +141,29 @@ def test_trigger_synthesis_points_at_the_planted_target(fmnist_badnets_subject, 
     assert int(triggers.anomaly.argmax()) == fmnist_badnets_subject.attack.target, triggers.summary()
 
 
+def test_repair_gives_the_mask_family_its_own_restarts(monkeypatch) -> None:
+    """The per-pixel mask search lands in a natural ~45 px minimum on a third of its restarts on a residual
+    network, and with two restarts a repair missed the planted patch and pruned nothing (docs/ONP.md §1r): the
+    mask family gets ``mask_restarts`` (4), the low-dimensional families keep ``synth_restarts`` (2)."""
+    from onp_core.defenses.onp import synth
+    from onp_core.defenses.onp.families import FamilyResult
+    from onp_core.defenses.onp.search import Config
+
+    calls: dict[str, int] = {}
+
+    def spy(ctx, batch, num_classes, family, steps, per_class, restarts, seed, success_bar, on_step=None):
+        calls[family] = restarts
+        return FamilyResult(family, torch.ones(num_classes), torch.ones(num_classes), {})
+
+    monkeypatch.setattr(synth, "optimise_family", spy)
+    cfg = Config()
+    ctx = type("Ctx", (), {"net": type("Net", (), {"set_masks": lambda self, masks: None})()})()
+    synth.synthesize_triggers(ctx, None, 10, restarts=cfg.synth_restarts, mask_restarts=cfg.mask_restarts)
+    assert calls == {"mask": 4, "blend": 2, "warp": 2}
+    synth.synthesize_triggers(ctx, None, 10, restarts=3)
+    assert calls == {"mask": 3, "blend": 3, "warp": 3}, "without its own count the mask family follows restarts"
+
+
 def test_warp_family_flags_the_wanet_target(fmnist_wanet_subject, fmnist_clean_500) -> None:
     """A WaNet trigger is a sub-pixel warp of the whole image: no small mask imitates it,
     a smooth flow does. Measured: target 0.46 px of mean flow against ≥ 2.1 px for every

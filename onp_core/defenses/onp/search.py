@@ -79,6 +79,9 @@ class Config(DefenseConfig):
     synth_steps: int = Field(100, ge=10, description="optimisation steps of the all-class trigger synthesis")
     synth_restarts: int = Field(2, ge=1, le=8, description="independent syntheses per class, the smallest kept "
                                 "(a single restart missed the planted trigger in 1 of 12 measured runs, docs/ONP.md)")
+    mask_restarts: int = Field(4, ge=1, le=16, description="restarts of the mask (patch) family, which lands in a "
+                               "natural ~45 px minimum on a third of its restarts on a residual network: 2 missed "
+                               "the planted patch in 1 of 9 repairs, docs/ONP.md §1r")
     synth_per_class: int = Field(8, ge=2, description="images per class per synthesis step")
     synth_families: tuple[Literal["mask", "blend", "warp"], ...] = Field(
         FAMILIES, min_length=1, description="trigger families searched: local patches, full-image blends, smooth "
@@ -341,6 +344,7 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
         report(progress, 0, cfg.iterations, "synthesize", round=r + 1)
         triggers = synthesize_triggers(ctx, search, num_classes, cfg.synth_steps, cfg.synth_per_class, cfg.seed + r,
                                        cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
+                                       mask_restarts=cfg.mask_restarts,
                                        min_spread=cfg.anomaly_min_spread, families=cfg.synth_families,
                                        on_step=lambda fam, done, total, r=r: report(
                                            progress, 0, cfg.iterations, "synthesize", round=r + 1, family=fam,

@@ -101,15 +101,21 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
                         per_class: int = 8, seed: int = 0, low: float = 1.5, high: float = 2.5,
                         success_bar: float = 0.9, keep: torch.Tensor | None = None, restarts: int = 2,
                         min_spread: float = 0.5, families: tuple[str, ...] = FAMILIES,
-                        on_step: Callable[[str, int, int], None] | None = None) -> TriggerSet:
+                        on_step: Callable[[str, int, int], None] | None = None,
+                        mask_restarts: int | None = None) -> TriggerSet:
     """Synthesise every class's cheapest trigger in each family and rank the classes; see the module docstring.
 
     ``keep`` (a flat keep-mask) synthesises on a partly pruned network. ``on_step(family, done,
-    steps)`` follows the optimisation step by step (progress, cancellation).
+    steps)`` follows the optimisation step by step (progress, cancellation). ``mask_restarts``
+    (default: ``restarts``) sets the mask family's own: its per-pixel search lands in a natural
+    ~45 px minimum on about a third of its restarts on a residual network (docs/ONP.md §1r); the
+    one-opacity and 32-value families have far fewer minima to land in.
     """
+    per_family = {"mask": mask_restarts or restarts}
     ctx.net.set_masks(None if keep is None else ctx.split_flat(keep.to(ctx.device)))
     try:
-        results = [optimise_family(ctx, batch, num_classes, fam, steps, per_class, restarts, seed + i, success_bar,
+        results = [optimise_family(ctx, batch, num_classes, fam, steps, per_class, per_family.get(fam, restarts),
+                                   seed + i, success_bar,
                                    on_step=None if on_step is None else
                                    (lambda done, total, fam=fam: on_step(fam, done, total)))
                    for i, fam in enumerate(families)]
