@@ -85,13 +85,14 @@ def run(arch: str, methods: list[str], seeds: list[int], options: dict[str, Any]
             row = {"subject": f"foreign-{arch}", "dataset": f"{DATASET} ({arch}, .pt2)", "attack": ATTACK,
                    "arch": arch, "method": method, "seed": seed, "acc_before": before.acc, "asr_before": before.asr,
                    "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
-                   "pruned": result.num_pruned, "seconds": seconds, "layers": {k: len(v) for k, v in result.pruned.items()},
-                   "options": options.get(method, {})}
+                   "pruned": result.num_pruned, "seconds": seconds,
+                   "layers": {k: len(v) for k, v in result.pruned.items()}, "options": options.get(method, {})}
             row.update({k: result.details[k] for k in ("suspects", "verdict", "finetune_undone")
                         if result.details.get(k) is not None})
             rows.append(row)
-            print(f"{arch} seed {seed} {method}: ACC {before.acc:.4f}→{after.acc:.4f} ASR {before.asr:.4f}→{after.asr:.4f} "
-                  f"DER {row['der']:.4f} pruned {row['pruned']} {seconds:.1f}s", flush=True)
+            print(f"{arch} seed {seed} {method}: ACC {before.acc:.4f}→{after.acc:.4f} "
+                  f"ASR {before.asr:.4f}→{after.asr:.4f} DER {row['der']:.4f} pruned {row['pruned']} {seconds:.1f}s",
+                  flush=True)
     return rows
 
 

@@ -141,13 +141,14 @@ def test_trigger_synthesis_points_at_the_planted_target(fmnist_badnets_subject, 
     assert int(triggers.anomaly.argmax()) == fmnist_badnets_subject.attack.target, triggers.summary()
 
 
-def test_repair_gives_the_mask_family_its_own_restarts(monkeypatch) -> None:
+def test_repair_gives_the_mask_family_its_own_restarts(monkeypatch, fmnist_clean_500) -> None:
     """The per-pixel mask search lands in a natural ~45 px minimum on a third of its restarts on a residual
     network, and with two restarts a repair missed the planted patch and pruned nothing (docs/ONP.md §1r): the
     mask family gets ``mask_restarts`` (4), the low-dimensional families keep ``synth_restarts`` (2)."""
     from onp_core.defenses.onp import synth
     from onp_core.defenses.onp.families import FamilyResult
-    from onp_core.defenses.onp.search import Config
+    from onp_core.defenses.onp.search import Config, repair
+    from onp_core.models import build_model
 
     calls: dict[str, int] = {}
 
@@ -156,10 +157,13 @@ def test_repair_gives_the_mask_family_its_own_restarts(monkeypatch) -> None:
         return FamilyResult(family, torch.ones(num_classes), torch.ones(num_classes), {})
 
     monkeypatch.setattr(synth, "optimise_family", spy)
-    cfg = Config()
-    ctx = type("Ctx", (), {"net": type("Net", (), {"set_masks": lambda self, masks: None})()})()
-    synth.synthesize_triggers(ctx, None, 10, restarts=cfg.synth_restarts, mask_restarts=cfg.mask_restarts)
+    model = build_model(ModelManifest(arch="small_cnn", num_classes=10, input_shape=(1, 28, 28)))
+    result = repair(model, fmnist_clean_500)  # equal costs everywhere: no suspect, so the repair stops there
     assert calls == {"mask": 4, "blend": 2, "warp": 2}
+    assert result.num_pruned == 0
+    repair(model, fmnist_clean_500, Config(synth_restarts=3, mask_restarts=5))
+    assert calls == {"mask": 5, "blend": 3, "warp": 3}
+    ctx = type("Ctx", (), {"net": type("Net", (), {"set_masks": lambda self, masks: None})()})()
     synth.synthesize_triggers(ctx, None, 10, restarts=3)
     assert calls == {"mask": 3, "blend": 3, "warp": 3}, "without its own count the mask family follows restarts"
 

@@ -111,11 +111,11 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
     ~45 px minimum on about a third of its restarts on a residual network (docs/ONP.md §1r); the
     one-opacity and 32-value families have far fewer minima to land in.
     """
-    per_family = {"mask": mask_restarts or restarts}
     ctx.net.set_masks(None if keep is None else ctx.split_flat(keep.to(ctx.device)))
     try:
-        results = [optimise_family(ctx, batch, num_classes, fam, steps, per_class, per_family.get(fam, restarts),
-                                   seed + i, success_bar,
+        results = [optimise_family(ctx, batch, num_classes, fam, steps, per_class,
+                                   mask_restarts if fam == "mask" and mask_restarts else restarts, seed + i,
+                                   success_bar,
                                    on_step=None if on_step is None else
                                    (lambda done, total, fam=fam: on_step(fam, done, total)))
                    for i, fam in enumerate(families)]
