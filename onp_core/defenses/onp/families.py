@@ -123,8 +123,9 @@ class _Slots:
     def snapshot(self) -> dict[str, torch.Tensor]:
         if self.family == "warp":
             return {"flow": self.dense_flow().clone()}
-        m = torch.sigmoid(self.m)
-        return {"mask": m.expand(-1, -1, self.h, self.w).clone(), "pattern": torch.sigmoid(self.p).clone()}
+        # a blend keeps its one opacity as [1, 1, 1] (``stamp`` broadcasts it): expanded to [1, H, W] it read as a
+        # per-pixel mask, and the re-attack bounded its first pixel only (docs/ONP.md §1s)
+        return {"mask": torch.sigmoid(self.m).clone(), "pattern": torch.sigmoid(self.p).clone()}
 
 
 def _logits_with_grad_in_chunks(ctx: ModelContext, x: torch.Tensor, target: torch.Tensor, per_class: int,

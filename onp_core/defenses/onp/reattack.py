@@ -42,17 +42,13 @@ def _reattack_one(ctx: ModelContext, family: str, params: dict[str, torch.Tensor
             return {"flow": _within(flow, flow.abs().mean() * h / 2, limit)}
         tensors = [coarse]
     else:
-        mask0 = params["mask"].to(dev)
-        # a blend is one opacity for the whole image (stored expanded to [1, H, W]); re-attacking it pixel by pixel
-        # would bound only the first pixel and leave every other free to reach opacity 1
-        start = mask0 if family == "mask" else mask0.flatten()[:1].view(1, 1, 1)
-        m_logit = torch.logit(start, eps=1e-3).requires_grad_(True)
+        m_logit = torch.logit(params["mask"].to(dev), eps=1e-3).requires_grad_(True)
         p_logit = torch.logit(params["pattern"].to(dev), eps=1e-3).requires_grad_(True)
 
         def make() -> dict[str, torch.Tensor]:
             m = torch.sigmoid(m_logit)
             cost = m.sum() if family == "mask" else m.flatten()[0]
-            return {"mask": _within(m, cost, limit).expand_as(mask0), "pattern": torch.sigmoid(p_logit)}
+            return {"mask": _within(m, cost, limit), "pattern": torch.sigmoid(p_logit)}
         tensors = [m_logit, p_logit]
     opt = torch.optim.Adam(tensors, lr=lr, betas=(0.5, 0.9))
     for _ in range(steps):
