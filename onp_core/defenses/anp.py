@@ -34,8 +34,8 @@ from ..device import resolve_device
 from ..models import ImageClassifier
 from ..neurons import discover_neurons
 from .base import DefenseConfig, ProgressCallback, RepairResult, Timer, clean_splits, report, working_copy
-from .common import (Sampler, Tensors, accuracy_of, by_name, crop_padding, forward_with, scaled_params, select_by_mask,
-                     set_training, sweep_masks, zero_channels)
+from .common import (Sampler, Tensors, accuracy_of, by_name, crop_padding, forward_with, scaled_params, scratch_copy,
+                     select_by_mask, set_training, sweep_masks, zero_channels)
 
 NAME = "anp"
 
@@ -147,9 +147,8 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
     device = resolve_device(config.device)
     search, held = clean_splits(clean, config)
     input_shape = model.manifest.input_shape
-    net = working_copy(model)
+    net = scratch_copy(model, device)
     neurons = discover_neurons(net, input_shape)
-    net.to(device)
     held_t = Tensors.of(held, device)
     acc_before = accuracy_of(net, held_t)
     trace: list[dict[str, Any]] = []

@@ -37,8 +37,8 @@ from ..device import resolve_device
 from ..models import ImageClassifier
 from ..neurons import discover_neurons
 from .base import DefenseConfig, ProgressCallback, RepairResult, Timer, clean_splits, report, working_copy
-from .common import (Sampler, Tensors, accuracy_of, by_name, crop_padding, forward_with, scaled_params, select_by_mask,
-                     set_training, sweep_masks, zero_channels)
+from .common import (Sampler, Tensors, accuracy_of, by_name, crop_padding, forward_with, scaled_params, scratch_copy,
+                     select_by_mask, set_training, sweep_masks, zero_channels)
 
 NAME = "rnp"
 
@@ -152,9 +152,8 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config, progress: Pr
     timer = Timer()
     device = resolve_device(config.device)
     search, held = clean_splits(clean, config)
-    net = working_copy(model)
+    net = scratch_copy(model, device)
     neurons = discover_neurons(net, model.manifest.input_shape)
-    net.to(device)
     held_t, search_t = Tensors.of(held, device), Tensors.of(search, device)
     acc_before = accuracy_of(net, held_t)
     trace: list[dict[str, Any]] = []
