@@ -120,6 +120,11 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         rs = [r for r in rows if r["method"] == m]
         lines.append(f"| {m} | {_mean_std([r['acc'] - r['acc_before'] for r in rs])} | {_mean_std([r['asr'] for r in rs])} "
                      f"| {_mean_std([r['der'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
+        oracle = [(r["acc_before"], r["anp_oracle"]) for r in rs if "anp_oracle" in r]
+        if oracle:
+            lines.append(f"| *{m} oracle (threshold picked by ASR — reference only)* | "
+                         f"{_mean_std([o['acc'] - before for before, o in oracle])} | "
+                         f"{_mean_std([o['asr'] for _, o in oracle])} | {_mean_std([o['der'] for _, o in oracle])} | — |")
     return "\n".join(lines) + "\n"
 
 
