@@ -171,15 +171,20 @@ def main() -> None:
     options = json.loads(args.options)
     methods = [m for m in args.methods if m != "none"]
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"{args.profile}.partial.json"
     for subject in load_zoo(args.profile, args.datasets, args.attacks, cached_only=args.cached_only) if methods else []:
         for seed in args.seeds:
             for method in methods:
                 row = run_one(subject, method, seed, args.n_clean, options, args.as_pt2)
                 rows.append(row)
+                # every finished row on disk at once: a profile with ANP runs for hours, and a stopped run keeps its
+                # rows for ``--merge``
+                partial.write_text(json.dumps(rows, indent=2))
                 print(f"{row['subject']} seed {seed} {method}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
                       f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
     rows = merge_results(rows, args.merge, "method")
-    args.out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     merged = merged_note(args.merge)
     header = (f"## {args.profile} profile — {date.today()} — {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
