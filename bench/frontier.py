@@ -142,8 +142,11 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="a bench.compare JSON: put its ONP rows beside the oracle")
     parser.add_argument("--merge", nargs="*", type=Path, default=[], help="earlier frontier JSONs to add to the table")
     args = parser.parse_args()
-    results = [frontier(s, args.steps, args.choose)
-               for s in load_zoo(args.profile, args.datasets, args.attacks, cached_only=True)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial, results = args.out / "frontier.partial.json", []
+    for subject in load_zoo(args.profile, args.datasets, args.attacks, cached_only=True):
+        results.append(frontier(subject, args.steps, args.choose))
+        partial.write_text(json.dumps(results, indent=2))  # minutes per subject: a stopped run keeps what it found
     fresh = {r["subject"] for r in results}
     for path in args.merge:
         results += [r for r in json.loads(path.read_text()) if r["subject"] not in fresh]
@@ -153,7 +156,7 @@ def main() -> None:
               f"{args.profile} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)} --steps "
               f"{args.steps} --choose {args.choose}`. Chosen on {args.choose} clean and {args.choose} triggered test "
               "images, reported on the rest of the test set.")
-    args.out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(results, indent=2))
     (args.out / "frontier.md").write_text(markdown(results, header, compare))
     print(markdown(results, header, compare))
