@@ -70,11 +70,14 @@ def merge_results(rows: list[dict[str, Any]], paths: list[Path], kind: str) -> l
     """``rows`` plus the rows of earlier result JSONs that this run did not redo.
 
     A row is identified by its subject, seed and ``kind`` ("method", or an ablation's "variant"), so
-    subjects run as separate jobs (or re-run after a fix) end up in one table without duplicates.
+    subjects run as separate jobs (or re-run after a fix) end up in one table without duplicates. Among
+    the earlier files the first one listed wins, so list the newest first.
     """
-    fresh = {(r["subject"], r[kind], r["seed"]) for r in rows}
+    seen = {(r["subject"], r[kind], r["seed"]) for r in rows}
     for path in paths:
-        rows = rows + [r for r in json.loads(path.read_text()) if (r["subject"], r[kind], r["seed"]) not in fresh]
+        new = [r for r in json.loads(path.read_text()) if (r["subject"], r[kind], r["seed"]) not in seen]
+        rows = rows + new
+        seen |= {(r["subject"], r[kind], r["seed"]) for r in new}
     return rows
 
 

@@ -156,6 +156,11 @@ def test_benchmark_merge_keeps_fresh_rows_and_adds_the_rest(tmp_path) -> None:
     merged = merge_results(fresh, [path], "method")
     assert sorted((r["subject"], r["seed"], r["acc"]) for r in merged) == [("a", 0, 0.9), ("a", 1, 0.3), ("b", 0, 0.2)]
     assert fresh == [{"subject": "a", "method": "onp", "seed": 0, "acc": 0.9}], "the caller's list is not extended"
+    # merging files alone (``--methods none``): a row in two files is kept once, from the first file listed
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps([{"subject": "b", "method": "onp", "seed": 0, "acc": 0.7}]))
+    merged = merge_results([], [newer, path], "method")
+    assert sorted((r["subject"], r["seed"], r["acc"]) for r in merged) == [("a", 0, 0.1), ("a", 1, 0.3), ("b", 0, 0.7)]
 
 
 def test_zoo_table_keeps_subjects_a_partial_run_did_not_train(tmp_path) -> None:
