@@ -123,6 +123,12 @@ def markdown(results: list[dict[str, Any]], header: str, compare: list[dict[str,
                 row += (f" {100 * m[1]:.2f} / {100 * m[2]:.2f} (ΔACC {-100 * cost:+.2f}) | "
                         f"{100 * min(p['asr'] for p in at):.2f} |")
         lines.append(row)
+    bests = [(r["path"][0]["acc"], r["best"]) for r in results]
+    if bests:
+        n = len(bests)
+        lines += ["", f"At each subject's best-DER step, over the {n} subjects: mean ΔACC "
+                  f"{-100 * sum(a0 - b['acc'] for a0, b in bests) / n:+.2f} points, mean ASR "
+                  f"{100 * sum(b['asr'] for _, b in bests) / n:.2f}%, mean DER {100 * sum(b['der'] for _, b in bests) / n:.2f}."]
     lines += ["", "Paths (step: neuron, ACC / ASR on the report images):", ""]
     for r in results:
         steps = "; ".join(f"{p['step']}: {p['neuron'] or '—'} {100 * p['acc']:.2f} / {100 * p['asr']:.2f}"
