@@ -44,22 +44,24 @@ class Tensors:
 
     @classmethod
     def of(cls, data: ImageSet, device: torch.device) -> "Tensors":
-        """Images in channels-last layout, which the convolutions of :func:`scratch_copy` models run fastest on."""
-        x = data.float().to(device)
-        return cls(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x, data.labels.to(device))
+        # contiguous, not channels-last: an exported program may ``aten.view`` its input, which needs contiguity
+        return cls(data.float().to(device), data.labels.to(device))
 
     def __len__(self) -> int:
         return len(self.y)
 
 
 def scratch_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """A throw-away copy of ``model`` on ``device`` in channels-last layout, for optimisations whose copy is discarded.
+    """A throw-away copy of ``model`` on ``device``, its convolutions channels-last where that is safe.
 
     ANP's 2000 mask iterations on the 16/32/64 CNN (Fashion-MNIST, 128 images, one thread): 40 iterations 6.9–7.8 s
-    in the default layout, 5.3 s channels-last (docs/BENCHMARKS.md, session 21). Only copies that are thrown away
-    take this layout: a returned model stays in the default one, which safetensors needs.
+    in the default layout, 5.3 s channels-last (docs/BENCHMARKS.md, session 21). Only registry models switch: an
+    exported program may ``aten.view`` a feature map, which fails on channels-last strides (a decomposed program did).
+    Only copies that are thrown away take this layout: a returned model stays in the default one, which safetensors
+    needs.
     """
-    return copy.deepcopy(model).eval().to(device=device, memory_format=torch.channels_last)
+    net = copy.deepcopy(model).eval().to(device)
+    return net if getattr(net, "exported", True) else net.to(memory_format=torch.channels_last)
 
 
 def crop_padding(input_shape: Sequence[int]) -> int:
