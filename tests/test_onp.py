@@ -161,9 +161,12 @@ def test_repair_gives_the_mask_family_its_own_restarts(monkeypatch, fmnist_clean
 
     monkeypatch.setattr(synth, "optimise_family", spy)
     model = build_model(ModelManifest(arch="small_cnn", num_classes=10, input_shape=(1, 28, 28)))
-    result = repair(model, fmnist_clean_500)  # equal costs everywhere: no suspect, so the repair stops there
+    result = repair(model, fmnist_clean_500)  # equal costs everywhere: no suspect, so the search stops there
     assert calls == {"mask": 4, "blend": 2, "warp": 2}
-    assert result.num_pruned == 0
+    assert "verdict" in result.details["rounds"][0] and not result.details["rounds"][0].get("pruned")
+    # only the trigger-free dormant sweep may prune on this untrained network, within its budget
+    swept = sum(len(v) for v in result.details["dormant"]["pruned"].values())
+    assert result.num_pruned == swept and result.details["dormant"]["flips"] <= result.details["dormant"]["budget"]
     repair(model, fmnist_clean_500, Config(synth_restarts=3, mask_restarts=5))
     assert calls == {"mask": 5, "blend": 3, "warp": 3}
     ctx = type("Ctx", (), {"net": type("Net", (), {"set_masks": lambda self, masks: None})()})()
