@@ -40,24 +40,26 @@ def as_exported_program(model: ImageClassifier) -> ImageClassifier:
 def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[str, Any],
             as_pt2: bool = False) -> dict[str, Any]:
     test, triggered = subject.test_sets()
+    target = subject.attack.target if subject.attack else None  # a clean subject has no ASR, RA or DER
     clean = balanced_subset(load_dataset(subject.spec.dataset, "train"), n_clean, seed=100 + seed)
-    before = evaluate(subject.model, test, triggered, subject.attack.target)
+    before = evaluate(subject.model, test, triggered, target)
     upload = as_exported_program(subject.model) if as_pt2 else subject.model
     t = time.perf_counter()
     result = run_repair(upload, clean, method, {"seed": seed, **options.get(method, {})})
     seconds = time.perf_counter() - t
-    after = evaluate(result.model, test, triggered, subject.attack.target)
+    after = evaluate(result.model, test, triggered, target)
     row = {"subject": subject.spec.key(), "dataset": subject.spec.dataset, "attack": subject.spec.attack_label(),
            "arch": subject.spec.arch + (" (.pt2)" if as_pt2 else ""), "method": method, "seed": seed,
            "acc_before": before.acc, "asr_before": before.asr,
            "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
            "pruned": result.num_pruned, "seconds": seconds}
     # where the time went and what was flagged (ONP), so a slow or missed repair can be explained from the JSON
-    row.update({k: result.details[k] for k in ("timing", "suspects", "verdict") if result.details.get(k) is not None})
+    row.update({k: result.details[k] for k in ("timing", "suspects", "verdict", "dormant")
+                if result.details.get(k) is not None})
     follow_ups = [f for r in result.details.get("rounds", []) for f in r.get("reattacks", [])]
     if follow_ups:  # ONP's re-attack rounds: the suspects' evidence against natural rivals, what each pruned
         row["reattacks"] = [{k: f[k] for k in ("evidence", "verdict", "pruned") if k in f} for f in follow_ups]
-    if method == "anp":
+    if method == "anp" and target is not None:
         from onp_core.defenses.anp import oracle_sweep
 
         best = oracle_sweep(subject.model, result, test, triggered, subject.attack.target)["best"]
@@ -86,7 +88,9 @@ def merged_note(paths: list[Path]) -> str:
     return f" (merged with {' '.join(str(p) for p in paths)})" if paths else ""
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float | None]) -> str:
+    """Mean ± std in percent of the known values ("—" for none: a clean subject's ASR, RA and DER)."""
+    values = [v for v in values if v is not None]
     if not values:
         return "—"
     if len(values) == 1:
@@ -94,29 +98,33 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def _mean(values: Any) -> str:
+    """A plain mean in percent, "—" when unknown (a clean subject's ASR)."""
+    known = [v for v in values if v is not None]
+    return f"{100 * statistics.mean(known):.2f}" if known else "—"
+
+
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| dataset | attack | method | ACC | ASR | RA | DER | pruned | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["dataset"], r["attack"]) for r in rows})
+    lines = [header, "", "| dataset | attack | arch | method | ACC | ASR | RA | DER | pruned | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["dataset"], r["attack"], r.get("arch", "")) for r in rows})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    for ds, atk in keys:
-        sub = [r for r in rows if r["dataset"] == ds and r["attack"] == atk]
-        nd = sub[0]
-        lines.append(f"| {ds} | {atk} | no defense | {100 * statistics.mean(r['acc_before'] for r in sub):.2f} | "
-                     f"{100 * statistics.mean(r['asr_before'] for r in sub):.2f} | — | — | 0 | — |")
+    for ds, atk, arch in keys:
+        sub = [r for r in rows if (r["dataset"], r["attack"], r.get("arch", "")) == (ds, atk, arch)]
+        lines.append(f"| {ds} | {atk} | {arch} | no defense | {100 * statistics.mean(r['acc_before'] for r in sub):.2f} | "
+                     f"{_mean(r['asr_before'] for r in sub)} | — | — | 0 | — |")
         for m in methods:
             rs = [r for r in sub if r["method"] == m]
             if not rs:
                 continue
-            lines.append(f"| {ds} | {atk} | {m} | {_mean_std([r['acc'] for r in rs])} | {_mean_std([r['asr'] for r in rs])} "
+            lines.append(f"| {ds} | {atk} | {arch} | {m} | {_mean_std([r['acc'] for r in rs])} | {_mean_std([r['asr'] for r in rs])} "
                          f"| {_mean_std([r['ra'] for r in rs])} | {_mean_std([r['der'] for r in rs])} "
                          f"| {statistics.mean(r['pruned'] for r in rs):.1f} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
             oracle = [r["anp_oracle"] for r in rs if "anp_oracle" in r]
             if oracle:
-                lines.append(f"| {ds} | {atk} | *anp oracle (threshold picked by ASR — reference only)* | "
+                lines.append(f"| {ds} | {atk} | {arch} | *anp oracle (threshold picked by ASR — reference only)* | "
                              f"{_mean_std([o['acc'] for o in oracle])} | {_mean_std([o['asr'] for o in oracle])} | — | "
                              f"{_mean_std([o['der'] for o in oracle])} | — | — |")
-        del nd
     lines += ["", "**Averages per method** (over subjects and seeds; ± is the std over all runs)", "",
               "| method | ΔACC (points) | ASR after | DER | seconds |", "|---|---|---|---|---|"]
     for m in methods:
@@ -137,17 +145,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(r["dataset"], r["attack"]) for r in rows})
+    keys = sorted({(r["dataset"], r["attack"], r.get("arch", "")) for r in rows})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 3.5))
     width = 0.8 / max(1, len(methods))
+    # DER where the subjects have an attack; on clean subjects (no ASR) what a defense costs: ΔACC in points
+    has_der = any(r["der"] is not None for r in rows)
+
+    def value(r: dict[str, Any]) -> float:
+        return r["der"] if has_der else 100 * (r["acc"] - r["acc_before"])
     for i, m in enumerate(methods):
-        vals = [statistics.mean([r["der"] for r in rows if r["method"] == m and (r["dataset"], r["attack"]) == k] or [0])
-                for k in keys]
+        vals = [statistics.mean([value(r) for r in rows if r["method"] == m
+                                 and (r["dataset"], r["attack"], r.get("arch", "")) == k
+                                 and (not has_der or r["der"] is not None)] or [0]) for k in keys]
         ax.bar([j + i * width for j in range(len(keys))], vals, width, label=m)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{d}\n{a}" for d, a in keys], fontsize=8)
-    ax.set_ylabel("DER")
-    ax.set_ylim(0, 1)
+    several = len({k[2] for k in keys}) > 1  # name the architecture only where a table mixes them
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))],
+                  [f"{d}\n{a}" + (f"\n{arch}" if several else "") for d, a, arch in keys], fontsize=8)
+    ax.set_ylabel("DER" if has_der else "ΔACC (points)")
+    if has_der:
+        ax.set_ylim(0, 1)
     ax.legend(ncol=len(methods), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -184,8 +201,8 @@ def main() -> None:
                 # every finished row on disk at once: a profile with ANP runs for hours, and a stopped run keeps its
                 # rows for ``--merge``
                 partial.write_text(json.dumps(rows, indent=2))
-                print(f"{row['subject']} seed {seed} {method}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
-                      f"DER {row['der']:.4f} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
+                print(f"{row['subject']} seed {seed} {method}: ACC {_mean([row['acc']])} ASR {_mean([row['asr']])} "
+                      f"DER {_mean([row['der']])} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
     rows = merge_results(rows, args.merge, "method")
     partial.unlink(missing_ok=True)
     merged = merged_note(args.merge)

@@ -12,9 +12,11 @@ is the held-out check on another architecture too: a PreAct-ResNet18 of width 16
 before conv) on CIFAR-10, target 7, 5% poisoning; ``bench.compare --as-pt2`` repairs it as an exported program, as a user with an
 unknown architecture would upload it. The fc profile is the classic backdoor-paper network (two
 conv layers without BN, a hidden fully-connected layer: ``cnn_fc``), target 5, 10% poisoning,
-another seed: neurons without BN and hidden linear units. The gpu profile trains PreAct-ResNet18 and VGG16-BN
-on CIFAR-10
-(BackdoorBench protocol) and is meant for a machine with a GPU.
+another seed: neurons without BN and hidden linear units. The clean profile is the false-positive check:
+each of those architectures trained exactly as its backdoored subjects, without poisoning, so
+``bench.compare --profile clean`` shows what a defense costs a model that has no backdoor
+(ONP's dormant sweep runs at its larger budget exactly there, docs/ONP.md §1u). The gpu profile
+trains PreAct-ResNet18 and VGG16-BN on CIFAR-10 (BackdoorBench protocol) and is meant for a machine with a GPU.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from onp_core.subjects import Subject, SubjectSpec, cached_subject, is_cached
 
 EPOCHS = {"cifar10": 8, "fashion_mnist": 4}
 ATTACKS = ("badnets", "blended", "wanet", "sig")
-PROFILES = ("cpu", "heldout", "triggers", "residual", "fc", "gpu")
+PROFILES = ("cpu", "heldout", "triggers", "residual", "fc", "clean", "gpu")
 # the held-out profile's per-attack target class and poison rate: none of them is the cpu profile's (target 0, 10%)
 HELDOUT = {"badnets": (3, 0.05), "blended": (6, 0.05), "wanet": (9, 0.05), "sig": (2, 0.05)}
 # the triggers profile: trigger shapes ONP's defaults were never set on (target, poison rate, attack options) per attack
@@ -44,6 +46,9 @@ TRIGGER_VARIANTS = {
 
 
 def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int = 0) -> list[SubjectSpec]:
+    """The subjects of a profile (the clean profile ignores ``attacks``: its models have none)."""
+    if profile == "clean":
+        return [spec for d in datasets for spec in _clean_twins(d, seed)]
     if profile == "cpu":
         return [SubjectSpec(arch="small_cnn", dataset=d, attack=a, epochs=EPOCHS[d], seed=seed)
                 for d in datasets for a in attacks]
@@ -64,6 +69,15 @@ def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int =
             for arch in ("preact_resnet18", "vgg16_bn") for a in attacks]
 
 
+def _clean_twins(dataset: str, seed: int) -> list[SubjectSpec]:
+    """Each architecture of the cpu, fc and residual profiles on ``dataset``, trained as there but never poisoned."""
+    twins = [SubjectSpec(arch="small_cnn", dataset=dataset, attack=None, epochs=EPOCHS[dataset], seed=seed),
+             SubjectSpec(arch="cnn_fc", dataset=dataset, attack=None, epochs=EPOCHS[dataset], seed=seed + 3)]
+    if dataset == "cifar10":
+        twins.append(SubjectSpec(arch="preact_resnet18_w16", dataset=dataset, attack=None, epochs=6, seed=seed))
+    return twins
+
+
 def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 0,
              cached_only: bool = False) -> list[Subject]:
     """The zoo's subjects, training missing ones (or skipping them with ``cached_only``)."""
@@ -71,6 +85,11 @@ def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 
     if cached_only:
         specs = [s for s in specs if is_cached(s)]
     return [cached_subject(spec) for spec in specs]
+
+
+def _pct(value: float | None) -> str:
+    """A rate in percent; a clean subject has no ASR or RA."""
+    return "—" if value is None else f"{100 * value:.2f}"
 
 
 def main() -> None:
@@ -86,7 +105,7 @@ def main() -> None:
         t = time.time()
         subject = cached_subject(spec)
         rows.append({"spec": asdict(spec), **subject.metrics, "load_seconds": round(time.time() - t, 1)})
-        console.print(f"{spec.key()}: ACC {subject.metrics['acc']:.4f} ASR {subject.metrics['asr']:.4f} "
+        console.print(f"{spec.key()}: ACC {_pct(subject.metrics['acc'])} ASR {_pct(subject.metrics['asr'])} "
                       f"({subject.metrics['train_seconds']}s to train)")
     table = Table(title=f"subject zoo ({args.profile})")
     for col in ("arch", "dataset", "attack", "epochs", "ACC", "ASR", "RA", "train s"):
@@ -94,7 +113,7 @@ def main() -> None:
     for r in rows:
         s = r["spec"]
         table.add_row(s["arch"], s["dataset"], escape(SubjectSpec(**s).attack_label()), str(s["epochs"]),
-                      f"{100 * r['acc']:.2f}", f"{100 * r['asr']:.2f}", f"{100 * r['ra']:.2f}", str(r["train_seconds"]))
+                      _pct(r["acc"]), _pct(r["asr"]), _pct(r["ra"]), str(r["train_seconds"]))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(merge_rows(args.out, rows), indent=2))

@@ -163,6 +163,29 @@ def test_benchmark_merge_keeps_fresh_rows_and_adds_the_rest(tmp_path) -> None:
     assert sorted((r["subject"], r["seed"], r["acc"]) for r in merged) == [("a", 0, 0.1), ("a", 1, 0.3), ("b", 0, 0.7)]
 
 
+def test_benchmark_table_reports_clean_subjects_by_their_accuracy_cost(tmp_path) -> None:
+    """``bench.compare --profile clean`` rows have no ASR, RA or DER (nothing was planted): the table
+    shows "—" there and keeps the accuracy and pruned count, rows of two architectures on one dataset
+    stay apart, and the plot falls back to the accuracy cost instead of failing on a missing DER."""
+    from bench.compare import markdown, plot
+    from bench.zoo import zoo_specs
+
+    specs = zoo_specs("clean", ["cifar10", "fashion_mnist"], ["badnets"])
+    assert all(s.attack is None for s in specs)
+    assert {s.arch for s in specs if s.dataset == "cifar10"} == {"small_cnn", "cnn_fc", "preact_resnet18_w16"}
+
+    def row(arch: str, acc: float) -> dict:
+        return {"subject": arch, "dataset": "cifar10", "attack": "none", "arch": arch, "method": "onp", "seed": 0,
+                "acc_before": 0.8, "asr_before": None, "acc": acc, "asr": None, "ra": None, "der": None,
+                "pruned": 2, "seconds": 1.0}
+    table = markdown([row("small_cnn", 0.79), row("preact_resnet18_w16", 0.75)], "## clean")
+    assert "| cifar10 | none | small_cnn | onp | 79.00 | — | — | — | 2.0 | 1.0 |" in table
+    assert "| cifar10 | none | preact_resnet18_w16 | onp | 75.00 |" in table
+    assert "| onp | -3.00 ± 2.83 | — | — |" in table
+    plot([row("small_cnn", 0.79)], tmp_path / "clean.png")
+    assert (tmp_path / "clean.png").stat().st_size > 0
+
+
 def test_zoo_table_keeps_subjects_a_partial_run_did_not_train(tmp_path) -> None:
     """``bench.zoo --datasets X`` rewrote docs/zoo.json with X's rows only (session 12); now a run
     replaces the rows of its own subjects and keeps the others."""

@@ -560,6 +560,14 @@ def test_dormant_sweep_prunes_only_quiet_neurons_within_its_budget(fmnist_badnet
     assert sweep.pruned, "on this subject some below-average neuron changes no clean prediction"
     assert all(float(rel[i]) < 1.0 for i in sweep.pruned)
     assert sweep.candidates >= len(sweep.pruned)
+    # a per-layer cap tries only each layer's least active neurons under the bar
+    capped = dormant_sweep(ctx, batch, alpha=1.0, budget=0.01, per_layer=1)
+    by_layer = [int((m == 0).sum()) for m in ctx.split_flat(capped.keep)]
+    assert max(by_layer) <= 1 and capped.candidates <= len(ctx.sizes)
+    for i in capped.pruned:
+        layer = next(li for li in range(len(ctx.sizes)) if ctx.offsets[li] <= i < ctx.offsets[li + 1])
+        lo, hi = ctx.offsets[layer], ctx.offsets[layer + 1]
+        assert float(rel[i]) == float(rel[lo:hi][rel[lo:hi] > 0].min()), "the layer's least active neuron"
     net = working_copy(fmnist_badnets_subject.model)
     layers = {li: torch.nonzero(m == 0).flatten().tolist() for li, m in enumerate(ctx.split_flat(sweep.keep))}
     prune(net, ctx.neurons, {li: v for li, v in layers.items() if v})

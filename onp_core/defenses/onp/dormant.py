@@ -9,7 +9,9 @@ below ``alpha`` × the layer's mean are candidates; least active first (relative
 layer), each is pruned if the clean predictions changed so far — against the model the
 sweep started from — stay within ``budget``. A neuron the clean data does not use costs
 nothing to remove on that data, which is all the sweep can know; the budget bounds what it
-may cost beyond it.
+may cost beyond it. ``per_layer`` keeps only each layer's few least active candidates: a
+planted neuron is its layer's quietest, while a network without BN can hold dozens of dead
+ReLU units under the bar that are no evidence of anything (session 23, docs/ONP.md §1v).
 
 Measured on this project's subjects (docs/ONP.md §1u): the CIFAR-10 SIG backdoor lives in
 the least active channel of the fifth neuron layer (0.32–0.35 × its layer's mean), and
@@ -54,15 +56,25 @@ def relative_activation(ctx: ModelContext, batch: Batch, chunk: int | None = Non
 
 
 @torch.no_grad()
-def dormant_sweep(ctx: ModelContext, batch: Batch, alpha: float, budget: float, max_candidates: int = 64
-                  ) -> SweepResult:
-    """Greedy, least active first: prune each candidate while the changed predictions stay within ``budget``."""
+def dormant_sweep(ctx: ModelContext, batch: Batch, alpha: float, budget: float, max_candidates: int = 64,
+                  per_layer: int | None = None) -> SweepResult:
+    """Greedy, least active first: prune each candidate while the changed predictions stay within ``budget``.
+
+    ``per_layer`` keeps only each layer's that many least active neurons as candidates (None: no limit).
+    """
     keep = torch.ones(ctx.total)
     if budget <= 0 or alpha <= 0 or len(batch.x) == 0:
         return SweepResult(keep)
     rel = relative_activation(ctx, batch)
     live = rel > 0  # a neuron already silent everywhere (pruned) has nothing to remove
-    order = [i for i in rel.argsort().tolist() if live[i] and rel[i] < alpha][:max_candidates]
+    below = live & (rel < alpha)
+    if per_layer is not None:
+        allowed = torch.zeros_like(below)
+        for lo, hi in zip(ctx.offsets[:-1], ctx.offsets[1:]):
+            idx = torch.nonzero(below[lo:hi]).flatten() + lo
+            allowed[idx[rel[idx].argsort()[:per_layer]]] = True
+        below = allowed
+    order = [i for i in rel.argsort().tolist() if below[i]][:max_candidates]
     cache = ctx.prefix_cache(batch.x)
     reference = cache.logits(keep).argmax(1)
     result = SweepResult(keep, candidates=len(order))
