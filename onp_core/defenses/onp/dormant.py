@@ -9,9 +9,10 @@ below ``alpha`` × the layer's mean are candidates; least active first (relative
 layer), each is pruned if the clean predictions changed so far — against the model the
 sweep started from — stay within ``budget``. A neuron the clean data does not use costs
 nothing to remove on that data, which is all the sweep can know; the budget bounds what it
-may cost beyond it. ``per_layer`` keeps only each layer's few least active candidates: a
-planted neuron is its layer's quietest, while a network without BN can hold dozens of dead
-ReLU units under the bar that are no evidence of anything (session 23, docs/ONP.md §1v).
+may cost beyond it. ``per_layer`` keeps only each layer's few least active candidates: the
+planted neurons measured so far were among the two quietest of their layer, while a network
+without BN can hold dozens of dead ReLU units under the bar that are no evidence of anything
+(session 23, docs/ONP.md §1v).
 
 Measured on this project's subjects (docs/ONP.md §1u): the CIFAR-10 SIG backdoor lives in
 the least active channel of the fifth neuron layer (0.32–0.35 × its layer's mean), and
