@@ -206,12 +206,14 @@ def main() -> None:
     rows = merge_results(rows, args.merge, "method")
     partial.unlink(missing_ok=True)
     merged = merged_note(args.merge)
+    # a merge-only run (``--methods none``) ran nothing: its seeds, datasets and attacks say nothing about the rows
+    command = (f"--seeds {' '.join(map(str, args.seeds))} --methods {' '.join(args.methods)} "
+               f"--datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}"
+               f"{' --cached-only' if args.cached_only else ''}{' --as-pt2' if args.as_pt2 else ''} "
+               f"--options '{args.options}'" if methods else "--methods none")
     header = (f"## {args.profile} profile — {date.today()} — {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
-              f"Command: `python -m bench.compare --profile {args.profile} --seeds {' '.join(map(str, args.seeds))} "
-              f"--methods {' '.join(args.methods)} --datasets {' '.join(args.datasets)} --attacks {' '.join(args.attacks)}"
-              f"{' --cached-only' if args.cached_only else ''}{' --as-pt2' if args.as_pt2 else ''} "
-              f"--options '{args.options}'`{merged}")
+              f"Command: `python -m bench.compare --profile {args.profile} {command}`{merged}")
     (args.out / f"{args.profile}.json").write_text(json.dumps(rows, indent=2))
     (args.out / f"{args.profile}.md").write_text(markdown(rows, header))
     plot(rows, args.out / f"{args.profile}.png")
