@@ -27,7 +27,7 @@ from onp_core.defenses import METHODS, run_repair
 from onp_core.metrics import Metrics, der, evaluate
 from onp_core.models import ImageClassifier, load_model, save_model
 
-from .zoo import ATTACKS, PROFILES, load_zoo
+from .zoo import ATTACKS, PROFILES, load_zoo, pct
 
 
 def as_exported_program(model: ImageClassifier) -> ImageClassifier:
@@ -62,7 +62,7 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
     if method == "anp" and target is not None:
         from onp_core.defenses.anp import oracle_sweep
 
-        best = oracle_sweep(subject.model, result, test, triggered, subject.attack.target)["best"]
+        best = oracle_sweep(subject.model, result, test, triggered, target)["best"]
         ref = Metrics(best["acc"], best["asr"], best.get("ra"))
         row["anp_oracle"] = {"acc": ref.acc, "asr": ref.asr, "der": der(before, ref), "threshold": best.get("threshold")}
     return row
@@ -99,9 +99,9 @@ def _mean_std(values: list[float | None]) -> str:
 
 
 def _mean(values: Any) -> str:
-    """A plain mean in percent, "—" when unknown (a clean subject's ASR)."""
+    """A plain mean in percent of the known values, "—" for none (a clean subject's ASR)."""
     known = [v for v in values if v is not None]
-    return f"{100 * statistics.mean(known):.2f}" if known else "—"
+    return pct(statistics.mean(known) if known else None)
 
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
@@ -201,8 +201,8 @@ def main() -> None:
                 # every finished row on disk at once: a profile with ANP runs for hours, and a stopped run keeps its
                 # rows for ``--merge``
                 partial.write_text(json.dumps(rows, indent=2))
-                print(f"{row['subject']} seed {seed} {method}: ACC {_mean([row['acc']])} ASR {_mean([row['asr']])} "
-                      f"DER {_mean([row['der']])} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
+                print(f"{row['subject']} seed {seed} {method}: ACC {pct(row['acc'])} ASR {pct(row['asr'])} "
+                      f"DER {pct(row['der'])} pruned {row['pruned']} {row['seconds']:.1f}s", flush=True)
     rows = merge_results(rows, args.merge, "method")
     partial.unlink(missing_ok=True)
     merged = merged_note(args.merge)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -70,12 +70,14 @@ def zoo_specs(profile: str, datasets: list[str], attacks: list[str], seed: int =
 
 
 def _clean_twins(dataset: str, seed: int) -> list[SubjectSpec]:
-    """Each architecture of the cpu, fc and residual profiles on ``dataset``, trained as there but never poisoned."""
-    twins = [SubjectSpec(arch="small_cnn", dataset=dataset, attack=None, epochs=EPOCHS[dataset], seed=seed),
-             SubjectSpec(arch="cnn_fc", dataset=dataset, attack=None, epochs=EPOCHS[dataset], seed=seed + 3)]
-    if dataset == "cifar10":
-        twins.append(SubjectSpec(arch="preact_resnet18_w16", dataset=dataset, attack=None, epochs=6, seed=seed))
-    return twins
+    """Each architecture of the cpu, fc and residual profiles on ``dataset``, trained as there but never poisoned.
+
+    Derived from those profiles' own specs, so a change to their training carries over; the attack's
+    target and rate are reset to the spec defaults, which a clean subject does not use.
+    """
+    plain = SubjectSpec()
+    return [replace(spec, attack=None, attack_options={}, target=plain.target, poison_rate=plain.poison_rate)
+            for profile in ("cpu", "fc", "residual") for spec in zoo_specs(profile, [dataset], ATTACKS[:1], seed)]
 
 
 def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 0,
@@ -87,8 +89,8 @@ def load_zoo(profile: str, datasets: list[str], attacks: list[str], seed: int = 
     return [cached_subject(spec) for spec in specs]
 
 
-def _pct(value: float | None) -> str:
-    """A rate in percent; a clean subject has no ASR or RA."""
+def pct(value: float | None) -> str:
+    """A rate in percent; "—" for an unknown one (a clean subject has no ASR, RA or DER)."""
     return "—" if value is None else f"{100 * value:.2f}"
 
 
@@ -105,7 +107,7 @@ def main() -> None:
         t = time.time()
         subject = cached_subject(spec)
         rows.append({"spec": asdict(spec), **subject.metrics, "load_seconds": round(time.time() - t, 1)})
-        console.print(f"{spec.key()}: ACC {_pct(subject.metrics['acc'])} ASR {_pct(subject.metrics['asr'])} "
+        console.print(f"{spec.key()}: ACC {pct(subject.metrics['acc'])} ASR {pct(subject.metrics['asr'])} "
                       f"({subject.metrics['train_seconds']}s to train)")
     table = Table(title=f"subject zoo ({args.profile})")
     for col in ("arch", "dataset", "attack", "epochs", "ACC", "ASR", "RA", "train s"):
@@ -113,7 +115,7 @@ def main() -> None:
     for r in rows:
         s = r["spec"]
         table.add_row(s["arch"], s["dataset"], escape(SubjectSpec(**s).attack_label()), str(s["epochs"]),
-                      _pct(r["acc"]), _pct(r["asr"]), _pct(r["ra"]), str(r["train_seconds"]))
+                      pct(r["acc"]), pct(r["asr"]), pct(r["ra"]), str(r["train_seconds"]))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(merge_rows(args.out, rows), indent=2))
