@@ -52,7 +52,8 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
            "arch": subject.spec.arch + (" (.pt2)" if as_pt2 else ""), "method": method, "seed": seed,
            "acc_before": before.acc, "asr_before": before.asr,
            "acc": after.acc, "asr": after.asr, "ra": after.ra, "der": der(before, after),
-           "pruned": result.num_pruned, "seconds": seconds}
+           "pruned": result.num_pruned, "seconds": seconds,
+           "neurons": result.pruned}  # which ones, by layer name: bench.replacement re-applies them without a re-run
     # where the time went and what was flagged (ONP), so a slow or missed repair can be explained from the JSON
     row.update({k: result.details[k] for k in ("timing", "suspects", "verdict", "dormant")
                 if result.details.get(k) is not None})
