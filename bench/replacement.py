@@ -143,7 +143,11 @@ def main() -> None:
             continue
         if row["subject"] not in subjects:
             spec = specs[row["subject"]]
-            subjects[row["subject"]] = load_zoo(args.profile, [spec.dataset], [spec.attack], cached_only=True)[0]
+            cached = load_zoo(args.profile, [spec.dataset], [spec.attack], cached_only=True)
+            subjects[row["subject"]] = cached[0] if cached else None
+        if subjects[row["subject"]] is None:
+            print(f"{row['subject']}: not trained here (python -m bench.zoo --profile {args.profile}), skipped")
+            continue
         rows.append(replay(row, subjects[row["subject"]], args.n_clean))
         r = rows[-1]
         print(f"{r['subject']} seed {r['seed']} {r['method']}: " + "  ".join(
