@@ -10,8 +10,9 @@ a trigger. This reads the rows of a ``bench.compare`` JSON (their ``neurons``), 
 neurons three ways on the same subject, and reports ACC / ASR on the full test split:
 
 - **zero**: the engine's convention (the repair as it was returned);
-- **clean mean**: c = the neuron's mean output on the row's 500 clean images, as the probe taps it (after
-  an in-place ReLU, so c ≥ 0 and the ReLU passes it unchanged);
+- **clean mean**: c = the neuron's mean output on the row's 500 clean images, as the probe taps it. In the
+  small CNN the ReLU after each BN is in place, so the tap is after it, c ≥ 0 and the ReLU passes c unchanged;
+  where the activation is not in place the tap is before it and the layers after see act(c), not E[act];
 - **fitted**: the constants fitted (Adam, 100 full-batch steps from the clean mean) so the repaired
   network's clean logits match the upload's (KL): the most clean function constants can give back.
 
