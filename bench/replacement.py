@@ -39,6 +39,7 @@ from onp_core.neurons.discover import NeuronMap, discover_neurons
 from onp_core.neurons.masks import prune
 from onp_core.neurons.probe import MaskedNet
 
+from .compare import as_exported_program
 from .zoo import PROFILES, load_zoo, pct, zoo_specs
 
 Pruned = dict[int, list[int]]
@@ -93,8 +94,12 @@ def fitted_constants(model: ImageClassifier, neurons: NeuronMap, pruned: Pruned,
 
 
 def replay(row: dict[str, Any], subject: Any, n_clean: int) -> dict[str, Any]:
-    """One compare row's neurons under the three replacements."""
-    model = subject.model
+    """One compare row's neurons under the three replacements.
+
+    A row repaired as a ``.pt2`` upload names its neurons by the exported program's layers, so it is replayed on
+    the same export.
+    """
+    model = as_exported_program(subject.model) if row.get("arch", "").endswith("(.pt2)") else subject.model
     neurons = discover_neurons(model, tuple(model.manifest.input_shape))
     index = {layer.name: i for i, layer in enumerate(neurons.layers)}
     pruned = {index[name]: list(ch) for name, ch in row["neurons"].items()}
