@@ -40,7 +40,7 @@ from onp_core.neurons.masks import prune
 from onp_core.neurons.probe import MaskedNet
 
 from .compare import as_exported_program
-from .zoo import PROFILES, load_zoo, pct, zoo_specs
+from .zoo import ATTACKS, EPOCHS, PROFILES, load_zoo, pct, zoo_specs
 
 Pruned = dict[int, list[int]]
 
@@ -62,8 +62,8 @@ def with_constants(model: ImageClassifier, neurons: NeuronMap, pruned: Pruned,
     return out
 
 
-def clean_means(model: ImageClassifier, neurons: NeuronMap, pruned: Pruned, clean: Tensors) -> dict[int, torch.Tensor]:
-    """Each pruned neuron's mean output over the clean images (and positions)."""
+def clean_means(neurons: NeuronMap, pruned: Pruned, clean: Tensors) -> dict[int, torch.Tensor]:
+    """Each pruned neuron's mean output over the clean images (and positions), read from ``neurons``' traced graph."""
     with torch.no_grad():
         _, taps = MaskedNet(neurons).forward_with_activations(clean.x)
     return {li: taps[li].movedim(1, 0).reshape(neurons.layers[li].size, -1).mean(1)[ch] for li, ch in pruned.items()}
@@ -108,7 +108,7 @@ def replay(row: dict[str, Any], subject: Any, n_clean: int) -> dict[str, Any]:
     test, triggered = subject.test_sets()
     target = subject.attack.target if subject.attack else None
     before = evaluate(model, test, triggered, target)
-    means = clean_means(model, neurons, pruned, clean)
+    means = clean_means(neurons, pruned, clean)
     variants = {"zero": None, "clean mean": means, "fitted": fitted_constants(model, neurons, pruned, clean, means)}
     out = {"subject": row["subject"], "method": row["method"], "seed": row["seed"], "pruned": row["pruned"],
            "acc_before": before.acc, "asr_before": before.asr}
@@ -139,8 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     compare_rows = [r for r in json.loads(args.compare_json.read_text())
                     if r["method"] in args.methods and r.get("neurons") and r.get("pruned")]
-    specs = {s.key(): s for s in zoo_specs(args.profile, ["cifar10", "fashion_mnist"], ["badnets", "blended", "wanet",
-                                                                                          "sig"])}
+    specs = {s.key(): s for s in zoo_specs(args.profile, list(EPOCHS), list(ATTACKS))}
     subjects: dict[str, Any] = {}
     rows = []
     for row in compare_rows:

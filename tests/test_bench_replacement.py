@@ -26,7 +26,7 @@ def test_replaced_neurons_output_their_constant_and_the_fit_restores_clean_outpu
     last = len(neurons.layers) - 1
     pruned = {last: [0, 1, 2, 3], last - 1: [5, 6]}
     clean = Tensors.of(fmnist_clean_500, torch.device("cpu"))
-    means = clean_means(model, neurons, pruned, clean)
+    means = clean_means(neurons, pruned, clean)
     assert all(c.shape == (len(pruned[li]),) and bool((c >= 0).all()) for li, c in means.items())
 
     replaced = with_constants(model, neurons, pruned, means)

@@ -34,7 +34,7 @@ trig = synthesize_triggers(ctx0, search, 10, cfg.synth_steps, cfg.synth_per_clas
                            cfg.anomaly_high, restarts=cfg.synth_restarts, mask_restarts=cfg.mask_restarts)
 print(subject.spec.key(), seed, "suspects", trig.suspects, "families", [trig.family[k] for k in trig.suspects],
       flush=True)
-means = clean_means(model, neurons, pruned, Tensors.of(clean, dev))
+means = clean_means(neurons, pruned, Tensors.of(clean, dev))
 for name, consts in (("zero", None), ("clean mean", means)):
     m = with_constants(model, neurons, pruned, consts)
     ctx = ModelContext(m, dev)
