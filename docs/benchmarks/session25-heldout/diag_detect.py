@@ -3,7 +3,7 @@ argument the breakability weights too. Scratch diagnostic, session 25 (docs/ONP.
 
     PYTHONPATH=. ONP_CACHE_DIR=var/cache python docs/benchmarks/session25-heldout/diag_detect.py PROFILE DATASET ATTACK SEED [b]
 """
-import sys, json, time
+import sys, time
 import torch
 from bench.zoo import load_zoo
 from onp_core.data import balanced_subset, load_dataset
@@ -23,8 +23,11 @@ dev = torch.device("cpu")
 search = Batch.from_set(search_set, dev)
 ctx = ModelContext(model, dev)
 t = time.time()
-trig = synthesize_triggers(ctx, search, 10, cfg.synth_steps, cfg.synth_per_class, seed, cfg.anomaly_low,
-                           cfg.anomaly_high, restarts=cfg.synth_restarts, mask_restarts=cfg.mask_restarts)
+# the same arguments as ONP's repair() passes for round 1
+trig = synthesize_triggers(ctx, search, model.manifest.num_classes, cfg.synth_steps, cfg.synth_per_class, seed,
+                           cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
+                           mask_restarts=cfg.mask_restarts, min_spread=cfg.anomaly_min_spread,
+                           families=cfg.synth_families)
 print(subject.spec.key(), "seed", seed, f"{time.time()-t:.1f}s", "suspects", trig.suspects)
 for fam, d in trig.by_family.items():
     print(f"  {fam:6s} anomaly", d["anomaly"])
