@@ -97,12 +97,13 @@ def test_unknown_residual_pt2_program(tmp_path) -> None:
 
 
 def _prefix_reuse_matches(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
-    from onp_core.defenses.onp.context import ModelContext
+    from onp_core.defenses.onp.context import ModelContext, PrefixCache
 
     ctx = ModelContext(model, torch.device("cpu"))
     g = torch.Generator().manual_seed(2)
     x = torch.rand(6, *input_shape, generator=g)
     cache = ctx.prefix_cache(x)
+    chunked = PrefixCache(ctx, x, chunk=4)  # 6 images: two batches of their own through head and tail
     firsts = set()
     n = len(ctx.sizes)
     for layer in sorted({round(i * (n - 1) / 5) for i in range(6)}):  # first pruned layer: six cuts, ends included
@@ -112,6 +113,7 @@ def _prefix_reuse_matches(model: nn.Module, input_shape: tuple[int, int, int]) -
         keep[ctx.offsets[layer] + 1:][later[ctx.offsets[layer] + 1:]] = 0
         firsts.add(ctx.net.first_masked_layer(ctx.split_flat(keep)))
         assert torch.allclose(cache.logits(keep), ctx.logits(keep, x), atol=1e-5)
+        assert torch.allclose(chunked.logits(keep), ctx.logits(keep, x), atol=1e-5)
     assert torch.equal(cache.logits(None), ctx.logits(None, x))
     assert len(cache.saved) == len(firsts) > 1, "each cut's prefix is computed once and reused"
 

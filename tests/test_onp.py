@@ -82,7 +82,7 @@ def test_onp_leaves_a_clean_model_alone(fmnist_clean_subject, fmnist_clean_500) 
 
 
 def test_leave_one_out_effects_match_pruning_one_neuron_at_a_time(cifar_badnets_subject, cifar_clean_500) -> None:
-    """The batched per-sample-mask leave-one-out equals pruning each neuron alone."""
+    """The leave-one-out (each neuron from its own layer on) equals pruning each neuron alone."""
     from onp_core.defenses.onp.context import Batch, ModelContext
     from onp_core.defenses.onp.effects import neuron_effects
     from onp_core.defenses.onp.synth import synthesize_triggers, target_probability

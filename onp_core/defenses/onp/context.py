@@ -98,13 +98,16 @@ class PrefixCache:
     outputs for this input are computed once per cut and only the rest of the network is
     re-run. Measured on the ONP search (CIFAR-10 small CNN): the first pruned layer of the
     rewarded candidates is spread over all six layers, and replaying a repair's 242 rewards
-    took 5.2 s instead of 9.1 s (docs/ONP.md, Speed). The cache is only valid while the weights do
-    not change: build a new one after pruning.
+    took 5.2 s instead of 9.1 s (docs/ONP.md, Speed). The input is cut into chunks of
+    ``ctx.logits``'s size, each run through head and tail as a batch of its own (so nothing
+    assumes where a boundary value keeps its batch dimension). The cache is only valid while
+    the weights do not change: build a new one after pruning.
     """
 
-    def __init__(self, ctx: ModelContext, x: torch.Tensor, max_bytes: int = 1 << 30):
+    def __init__(self, ctx: ModelContext, x: torch.Tensor, max_bytes: int = 1 << 30, chunk: int | None = None):
         self.ctx, self.x, self.max_bytes = ctx, x, max_bytes
-        self.saved: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.chunk = chunk or ctx.images_per_forward(1024)
+        self.saved: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self.bytes = 0
 
     @torch.no_grad()
@@ -114,19 +117,22 @@ class PrefixCache:
         masks = None if flat_mask is None else ctx.split_flat(flat_mask.to(ctx.device))
         first = None if masks is None else ctx.net.first_masked_layer(masks)
         if first is None or len(self.x) == 0:
-            return ctx.logits(flat_mask, self.x)
+            return ctx.logits(flat_mask, self.x, chunk=self.chunk)
         net = ctx.net
         with ctx.fast():
             if first not in self.saved:
                 if self.bytes >= self.max_bytes:  # a wide network: memory before speed
-                    return ctx.logits(flat_mask, self.x)
+                    return ctx.logits(flat_mask, self.x, chunk=self.chunk)
                 net.set_masks(None)
-                self.saved[first] = tuple(net.head(first)(self.x))
+                head = net.head(first)
+                self.saved[first] = [tuple(head(self.x[i:i + self.chunk])) for i in range(0, len(self.x), self.chunk)]
                 # the boundary may hold sizes (a transformer's reshapes read the batch size) besides tensors
-                self.bytes += sum(t.numel() * t.element_size() for t in self.saved[first] if isinstance(t, torch.Tensor))
+                self.bytes += sum(t.numel() * t.element_size() for part in self.saved[first] for t in part
+                                  if isinstance(t, torch.Tensor))
             net.set_masks(masks)
             try:
-                out = net.tail(first)(*self.saved[first])
+                tail = net.tail(first)
+                out = torch.cat([tail(*part) for part in self.saved[first]])
             finally:
                 net.set_masks(None)
         return out.float()

@@ -3,9 +3,8 @@
 The most direct trigger-free evidence for a neuron is what happens when it alone is
 pruned: does the synthesised-trigger target probability fall (it carries the
 shortcut) and does clean accuracy hold (it carries little else)? Exact leave-one-out
-is one forward per neuron, so it is done for the ``limit`` neurons a first-order
-(Taylor) estimate ranks highest, in batches of per-sample masks (many candidate masks
-per forward); the rest keep their Taylor estimate, which one backward pass gives for
+is one forward per neuron (from the neuron's own layer on), so it is done for the ``limit``
+neurons a first-order (Taylor) estimate ranks highest; the rest keep their Taylor estimate, which one backward pass gives for
 all neurons. Measured on the Fashion-MNIST BadNets subject: the top leave-one-out
 neuron alone took the real ASR from 99.8% to 17% (docs/ONP.md).
 """
@@ -61,23 +60,20 @@ def _taylor(ctx: ModelContext, x_clean: torch.Tensor, y_clean: torch.Tensor, x_t
 
 
 @torch.no_grad()
-def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor, fn, chunk_images: int | None = None):
-    """fn(logits [M, n, K]) → [M] for the masks 'all but neuron i' over the images ``x``."""
+def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor, fn) -> torch.Tensor:
+    """fn(logits [M, n, K]) → [M] for the masks 'all but neuron i' over the images ``x``.
+
+    Each mask runs only the graph from its neuron's layer on (``PrefixCache``): the layers before
+    it are computed once per layer for all its neurons. On the small CNN that is a third of the
+    FLOPs of a full forward per neuron (docs/ONP.md, Speed).
+    """
+    cache = ctx.prefix_cache(x)
+    mask = torch.ones(ctx.total, device=ctx.device)
     out = []
-    n = len(x)
-    per = max(1, (chunk_images or ctx.images_per_forward(4096)) // max(1, n))
-    for s in range(0, len(neurons), per):
-        idx = neurons[s:s + per]
-        masks = torch.ones(len(idx), ctx.total, device=ctx.device)
-        masks[torch.arange(len(idx)), idx] = 0
-        per_sample = masks.repeat_interleave(n, 0)
-        ctx.net.set_masks(ctx.split_flat_batched(per_sample))
-        try:
-            with ctx.fast():
-                logits = ctx.net(x.repeat(len(idx), *([1] * (x.ndim - 1)))).float()
-        finally:
-            ctx.net.set_masks(None)
-        out.append(fn(logits.view(len(idx), n, -1)))
+    for i in neurons.tolist():
+        mask[i] = 0
+        out.append(fn(cache.logits(mask)[None]))
+        mask[i] = 1
     return torch.cat(out) if out else torch.zeros(0, device=ctx.device)
 
 
