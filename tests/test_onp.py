@@ -576,3 +576,22 @@ def test_dormant_sweep_prunes_only_quiet_neurons_within_its_budget(fmnist_badnet
     changed = float((before != after).float().mean())
     one = 1 / len(fmnist_clean_500)  # the masked float32 forward and the plain model may round one image apart
     assert changed <= 0.01 + one and abs(changed - sweep.flips) <= one + 1e-9
+
+
+def test_encoder_on_normalised_edges_equals_gcn_normalising_per_call() -> None:
+    """The graphs carry their GCN normalisation precomputed; a conv that normalises on every call agrees."""
+    from torch_geometric.nn import GCNConv
+
+    from onp_core.defenses.onp.graph import layer_edges, propagation_edges
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(12, 5, generator=g)
+    q[6:] = q[0] + 0.01 * torch.rand(6, 5, generator=g)  # a cluster of similar filters: edges among them
+    edge_index, edge_weight = layer_edges(q, 0.9, 0.1)
+    assert edge_index.shape[1] > 0
+    h = torch.randn(12, 8, generator=g)
+    per_call = GCNConv(8, 8, add_self_loops=True, normalize=True)
+    once = GCNConv(8, 8, add_self_loops=False, normalize=False)
+    once.load_state_dict(per_call.state_dict())
+    prop_index, prop_weight = propagation_edges(edge_index, edge_weight.float(), 12)
+    assert torch.allclose(once(h, prop_index, prop_weight), per_call(h, edge_index, edge_weight.float()), atol=1e-6)

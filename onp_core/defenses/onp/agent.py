@@ -30,7 +30,7 @@ def run_episode(policy: PolicyValueNet, graphs: list[Data], total: int, generato
     pruned_so_far, prev_frac = 0, 0.0
     for g in graphs:
         context = torch.tensor([pruned_so_far / total, prev_frac])
-        logits, value = policy(g.x, g.edge_index, g.edge_weight, g.desc, context)
+        logits, value = policy(g.x, g.prop_index, g.prop_weight, g.desc, context)
         probs = torch.sigmoid(logits)
         if greedy:
             a = (probs > 0.5).float()
@@ -97,7 +97,7 @@ def imitate(policy: PolicyValueNet, graphs: list[Data], prior: torch.Tensor, ste
     for _ in range(steps):
         loss = torch.zeros(())
         for g, t, c in zip(graphs, targets, contexts):
-            logits, _ = policy(g.x, g.edge_index, g.edge_weight, g.desc, c)
+            logits, _ = policy(g.x, g.prop_index, g.prop_weight, g.desc, c)
             loss = loss + F.binary_cross_entropy_with_logits(logits, t, reduction="sum")
         loss = loss / total
         opt.zero_grad()

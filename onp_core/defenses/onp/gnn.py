@@ -25,7 +25,8 @@ class PolicyValueNet(nn.Module):
         self.use_graph = use_graph
         inp = num_features + DESCRIPTOR_SIZE + CONTEXT_SIZE
         self.inp = nn.Linear(inp, hidden)
-        self.convs = nn.ModuleList(GCNConv(hidden, hidden, add_self_loops=True, normalize=True) for _ in range(layers))
+        # the edges arrive normalised with self-loops (``graph.propagation_edges``): once per graph, not per call
+        self.convs = nn.ModuleList(GCNConv(hidden, hidden, add_self_loops=False, normalize=False) for _ in range(layers))
         self.mlps = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))  # the no-graph ablation
         self.prune_head = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         self.value_head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
@@ -38,7 +39,7 @@ class PolicyValueNet(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor, desc: torch.Tensor,
                 context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-node prune logits [N] and the state value (scalar)."""
+        """Per-node prune logits [N] and the state value (scalar); edges as ``graph.propagation_edges`` gives them."""
         n = x.shape[0]
         h0 = torch.cat([x, desc.expand(n, -1), context.expand(n, -1)], 1)
         h = torch.tanh(self.inp(h0))
