@@ -3,9 +3,9 @@
 The most direct trigger-free evidence for a neuron is what happens when it alone is
 pruned: does the synthesised-trigger target probability fall (it carries the
 shortcut) and does clean accuracy hold (it carries little else)? Exact leave-one-out
-is one forward per neuron (from the neuron's own layer on), so it is done for the ``limit``
-neurons a first-order (Taylor) estimate ranks highest; the rest keep their Taylor estimate, which one backward pass gives for
-all neurons. Measured on the Fashion-MNIST BadNets subject: the top leave-one-out
+is one forward per neuron (from the neuron's own layer on), so it is done for the
+``limit`` neurons a first-order (Taylor) estimate ranks highest; the rest keep their
+Taylor estimate, which one backward pass gives for all neurons. Measured on the Fashion-MNIST BadNets subject: the top leave-one-out
 neuron alone took the real ASR from 99.8% to 17% (docs/ONP.md).
 """
 from __future__ import annotations
