@@ -63,10 +63,6 @@ class ModelContext:
         """A flat [total] keep-mask → per-layer masks."""
         return [flat[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.sizes))]
 
-    def split_flat_batched(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per-sample flat keep-masks [B, total] → per-layer [B, C] masks (one mask per image)."""
-        return [flat[:, self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.sizes))]
-
     def fast(self, exact: bool = False) -> torch.autocast:
         """The precision for forwards that only rank or count (see the class docstring); float32 when ``exact``."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not exact)
