@@ -20,9 +20,10 @@ def keep_large_buffers_on_the_heap() -> bool:
     fresh pages from the kernel and unmaps it on free, so a loop that allocates the same 20–70 MB
     activations every step page-faults and zeroes them every step: 12.5 M minor faults in one ONP
     repair of the CIFAR-10 small CNN, 0.4 M with the buffers kept (peak RSS 1.10 → 1.30 GB). The mask
-    family's 100 synthesis steps took 15.2–15.6 s against 10.6–11.0 s (2 threads; docs/ONP.md, Speed). Process-wide and applied once, like flush-to-zero in
-    :func:`resolve_device`; skipped where the user set glibc's own ``MALLOC_*_THRESHOLD_``
-    variables, and a no-op without glibc. Returns whether the thresholds are set.
+    family's 100 synthesis steps took 15.2–15.6 s against 10.6–11.0 s (2 threads; docs/ONP.md, Speed).
+    Process-wide and applied once, like flush-to-zero in :func:`resolve_device`; skipped where the
+    user set glibc's own ``MALLOC_*_THRESHOLD_`` variables, and a no-op without glibc. Returns
+    whether the thresholds are set.
     """
     global _heap_tuned
     if _heap_tuned is None:

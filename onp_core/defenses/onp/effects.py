@@ -5,11 +5,13 @@ pruned: does the synthesised-trigger target probability fall (it carries the
 shortcut) and does clean accuracy hold (it carries little else)? Exact leave-one-out
 is one forward per neuron (from the neuron's own layer on), so it is done for the
 ``limit`` neurons a first-order (Taylor) estimate ranks highest; the rest keep their
-Taylor estimate, which one backward pass gives for all neurons. Measured on the Fashion-MNIST BadNets subject: the top leave-one-out
-neuron alone took the real ASR from 99.8% to 17% (docs/ONP.md).
+Taylor estimate, which one backward pass gives for all neurons. Measured on the
+Fashion-MNIST BadNets subject: the top leave-one-out neuron alone took the real ASR
+from 99.8% to 17% (docs/ONP.md).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +62,9 @@ def _taylor(ctx: ModelContext, x_clean: torch.Tensor, y_clean: torch.Tensor, x_t
 
 
 @torch.no_grad()
-def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor, fn) -> torch.Tensor:
-    """fn(logits [M, n, K]) → [M] for the masks 'all but neuron i' over the images ``x``.
+def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor,
+                   fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[fn(logits [n, K]) for each neuron i], the logits of the images ``x`` with neuron i alone pruned.
 
     Each mask runs only the graph from its neuron's layer on (``PrefixCache``): the layers before
     it are computed once per layer for all its neurons. On the small CNN that is a third of the
@@ -72,9 +75,9 @@ def _leave_one_out(ctx: ModelContext, neurons: torch.Tensor, x: torch.Tensor, fn
     out = []
     for i in neurons.tolist():
         mask[i] = 0
-        out.append(fn(cache.logits(mask)[None]))
+        out.append(fn(cache.logits(mask)))
         mask[i] = 1
-    return torch.cat(out) if out else torch.zeros(0, device=ctx.device)
+    return torch.stack(out) if out else torch.zeros(0, device=ctx.device)
 
 
 def neuron_effects(ctx: ModelContext, triggers: TriggerSet, batch: Batch, limit: int = 256,
@@ -87,14 +90,15 @@ def neuron_effects(ctx: ModelContext, triggers: TriggerSet, batch: Batch, limit:
     if limit > 0:
         chosen = drop.argsort(descending=True)[:min(limit, ctx.total)]
         with torch.no_grad():
-            base_loss = F.cross_entropy(ctx.logits(None, x_clean), y_clean)
-            loss = _leave_one_out(ctx, chosen, x_clean, lambda lg: torch.stack(
-                [F.cross_entropy(lg[j], y_clean) for j in range(len(lg))]))
-            rise[chosen] = loss - base_loss
+            def clean_loss(logits: torch.Tensor) -> torch.Tensor:
+                return F.cross_entropy(logits, y_clean)
+
+            def backdoor_score(logits: torch.Tensor) -> torch.Tensor:  # weighted target probability
+                return (logits.softmax(1).gather(1, t_trig[:, None]).squeeze(1) * w_trig).sum()
+
+            rise[chosen] = _leave_one_out(ctx, chosen, x_clean, clean_loss) - clean_loss(ctx.logits(None, x_clean))
             if len(x_trig):
-                base_b = (ctx.logits(None, x_trig).softmax(1).gather(1, t_trig[:, None]).squeeze(1) * w_trig).sum()
-                b = _leave_one_out(ctx, chosen, x_trig, lambda lg: (lg.softmax(2).gather(
-                    2, t_trig[None, :, None].expand(len(lg), -1, 1)).squeeze(2) * w_trig).sum(1))
-                drop[chosen] = base_b - b
+                drop[chosen] = (backdoor_score(ctx.logits(None, x_trig))
+                                - _leave_one_out(ctx, chosen, x_trig, backdoor_score))
         exact[chosen.cpu()] = True
     return NeuronEffects(drop.cpu(), rise.cpu(), exact)

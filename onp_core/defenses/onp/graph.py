@@ -87,8 +87,8 @@ def build_graphs(ctx: ModelContext, features: NodeFeatures, epsilon: float = 0.9
     for i, layer in enumerate(ctx.neurons.layers):
         q = connection_strength(ctx, layer)
         edge_index, edge_weight = layer_edges(q, epsilon, delta)
-        x = features.per_layer[i].float()
-        prop_index, prop_weight = propagation_edges(edge_index, edge_weight.float(), len(x))
-        graphs.append(Data(x=x, edge_index=edge_index, edge_weight=edge_weight.float(), prop_index=prop_index,
+        x, edge_weight = features.per_layer[i].float(), edge_weight.float()
+        prop_index, prop_weight = propagation_edges(edge_index, edge_weight, len(x))
+        graphs.append(Data(x=x, edge_index=edge_index, edge_weight=edge_weight, prop_index=prop_index,
                            prop_weight=prop_weight, desc=layer_descriptor(ctx, i), layer=i))
     return graphs
