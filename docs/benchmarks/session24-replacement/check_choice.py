@@ -12,8 +12,7 @@ from onp_core.defenses.base import clean_splits
 from onp_core.defenses.common import Tensors
 from onp_core.defenses.onp.context import Batch, ModelContext
 from onp_core.defenses.onp.reattack import reattack
-from onp_core.defenses.onp.search import Config
-from onp_core.defenses.onp.synth import synthesize_triggers
+from onp_core.defenses.onp.search import Config, synthesize_as_configured
 from onp_core.neurons.discover import discover_neurons
 
 dataset, attack, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -30,8 +29,7 @@ search_set, _ = clean_splits(clean, cfg)
 dev = torch.device("cpu")
 search = Batch.from_set(search_set, dev)
 ctx0 = ModelContext(model, dev)
-trig = synthesize_triggers(ctx0, search, 10, cfg.synth_steps, cfg.synth_per_class, seed, cfg.anomaly_low,
-                           cfg.anomaly_high, restarts=cfg.synth_restarts, mask_restarts=cfg.mask_restarts)
+trig = synthesize_as_configured(ctx0, search, model.manifest.num_classes, cfg)
 print(subject.spec.key(), seed, "suspects", trig.suspects, "families", [trig.family[k] for k in trig.suspects],
       flush=True)
 means = clean_means(neurons, pruned, Tensors.of(clean, dev))

@@ -9,8 +9,7 @@ from bench.zoo import load_zoo
 from onp_core.data import balanced_subset, load_dataset
 from onp_core.defenses.base import clean_splits
 from onp_core.defenses.onp.context import Batch, ModelContext
-from onp_core.defenses.onp.search import Config
-from onp_core.defenses.onp.synth import synthesize_triggers
+from onp_core.defenses.onp.search import Config, synthesize_as_configured
 from onp_core.defenses.onp.breakability import weigh_by_breakability
 
 profile, dataset, attack, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -23,11 +22,7 @@ dev = torch.device("cpu")
 search = Batch.from_set(search_set, dev)
 ctx = ModelContext(model, dev)
 t = time.time()
-# the same arguments as ONP's repair() passes for round 1
-trig = synthesize_triggers(ctx, search, model.manifest.num_classes, cfg.synth_steps, cfg.synth_per_class, seed,
-                           cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
-                           mask_restarts=cfg.mask_restarts, min_spread=cfg.anomaly_min_spread,
-                           families=cfg.synth_families)
+trig = synthesize_as_configured(ctx, search, model.manifest.num_classes, cfg)  # ONP's repair(), round 1
 print(subject.spec.key(), "seed", seed, f"{time.time()-t:.1f}s", "suspects", trig.suspects)
 for fam, d in trig.by_family.items():
     print(f"  {fam:6s} anomaly", d["anomaly"])

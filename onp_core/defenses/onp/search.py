@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -336,6 +337,19 @@ def _prune_found(found: dict[str, Any], info: dict[str, Any], model: ImageClassi
     return bool(new)
 
 
+def synthesize_as_configured(ctx: ModelContext, search: Batch, num_classes: int, cfg: Config, round_index: int = 0,
+                             on_step: Callable[[str, int, int], None] | None = None) -> TriggerSet:
+    """Round ``round_index``'s trigger synthesis with every synthesis setting ``cfg`` holds.
+
+    ``repair`` calls it, and so do the diagnostic scripts that must see what a repair saw: a script that
+    passed the arguments itself once left two of them at defaults that could drift from the config's.
+    """
+    return synthesize_triggers(ctx, search, num_classes, cfg.synth_steps, cfg.synth_per_class, cfg.seed + round_index,
+                               cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
+                               mask_restarts=cfg.mask_restarts, min_spread=cfg.anomaly_min_spread,
+                               families=cfg.synth_families, on_step=on_step)
+
+
 def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None,
            progress: ProgressCallback | None = None) -> RepairResult:
     """Prune the neurons ONP's learned policy marks as backdoor, using only ``clean`` data.
@@ -376,13 +390,10 @@ def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None
     for r in range(cfg.rounds):
         t = time.perf_counter()
         report(progress, 0, cfg.iterations, "synthesize", round=r + 1)
-        triggers = synthesize_triggers(ctx, search, num_classes, cfg.synth_steps, cfg.synth_per_class, cfg.seed + r,
-                                       cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
-                                       mask_restarts=cfg.mask_restarts,
-                                       min_spread=cfg.anomaly_min_spread, families=cfg.synth_families,
-                                       on_step=lambda fam, done, total, r=r: report(
-                                           progress, 0, cfg.iterations, "synthesize", round=r + 1, family=fam,
-                                           synth_step=f"{done}/{total}"))
+        triggers = synthesize_as_configured(ctx, search, num_classes, cfg, r,
+                                            on_step=lambda fam, done, total, r=r: report(
+                                                progress, 0, cfg.iterations, "synthesize", round=r + 1, family=fam,
+                                                synth_step=f"{done}/{total}"))
         timing["synthesize"] = timing.get("synthesize", 0.0) + time.perf_counter() - t
         anomalous = triggers.suspects
         halving: dict[int, float] = {}
