@@ -198,10 +198,16 @@ def test_trigger_families_stamp_what_they_claim(fmnist_clean_500) -> None:
     zero_flow = {"flow": torch.zeros(28, 28, 2)}
     assert torch.allclose(stamp("warp", zero_flow, x), x, atol=1e-5)
     pattern = torch.ones(1, 28, 28)
-    half = {"mask": torch.full((1, 28, 28), 0.25), "pattern": pattern}
-    assert torch.allclose(stamp("blend", half, x), 0.5 * x + 0.5, atol=1e-6)  # boosted: √0.25 opacity
-    assert torch.allclose(stamp("blend", half, x, boost=False), 0.75 * x + 0.25, atol=1e-6)
-    ts = TriggerSet(family=["blend"] * 10, params=[half] * 10, cost=torch.ones(10), success=torch.ones(10),
+    quarter = {"mask": torch.full((1, 28, 28), 0.25), "pattern": pattern}
+    assert torch.allclose(stamp("mask", quarter, x), 0.5 * x + 0.5, atol=1e-6)  # boosted: √0.25 per pixel
+    assert torch.allclose(stamp("mask", quarter, x, boost=False), 0.75 * x + 0.25, atol=1e-6)
+    # a blend's one opacity is scaled, not rooted: √ would stamp a 0.02 opacity at 0.14, seven times it (§1y)
+    faint = {"mask": torch.full((1, 1, 1), 0.02), "pattern": pattern}
+    assert torch.allclose(stamp("blend", faint, x), 0.97 * x + 0.03, atol=1e-6)
+    assert torch.allclose(stamp("blend", faint, x, boost=False), 0.98 * x + 0.02, atol=1e-6)
+    strong = {"mask": torch.full((1, 1, 1), 0.8), "pattern": pattern}
+    assert torch.allclose(stamp("blend", strong, x), torch.ones_like(x), atol=1e-6)  # capped at opacity 1
+    ts = TriggerSet(family=["blend"] * 10, params=[faint] * 10, cost=torch.ones(10), success=torch.ones(10),
                     anomaly=torch.zeros(10), weights=torch.zeros(10))
     assert stamp_some([ts], 0.5, 0) is None  # no suspect: nothing to unlearn
     ts.weights[3] = 1.0

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from .context import Batch, ModelContext
 
 FAMILIES = ("mask", "blend", "warp")
+# How far past its synthesis boundary a blend's opacity or a warp's flow is stamped for scoring (``stamp``).
+STRENGTH_BOOST = 1.5
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,18 @@ def stamp(family: str, params: dict[str, torch.Tensor], x: torch.Tensor, boost: 
     ``boost`` stamps it past its synthesis boundary — the least that still flipped the
     synthesis images. Scored at that boundary, pruning broke the synthetic BadNets trigger
     while the planted one still worked on 23% of images; at √mask the search took the real
-    ASR to 2–7% (docs/ONP.md §1). Mask and blend triggers take √opacity; a warp has no
-    opacity, so its flow is scaled by 1.5 (the same ~1.4× a √ gives a 0.5 opacity).
+    ASR to 2–7% (docs/ONP.md §1). A mask's pixels take √opacity (×1.4 at opacity 0.5). A blend's
+    one opacity is scaled by ``STRENGTH_BOOST`` instead: it is small (0.02–0.05), where a √ multiplied it
+    by 4.5–7, and at that strength the synthesised pattern stops working on a network whose shortcut is
+    still whole (docs/ONP.md §1y). A warp has no opacity, so its flow is scaled by the same factor.
     """
     if family == "warp":
-        flow = params["flow"].to(x.device) * (1.5 if boost else 1.0)
+        flow = params["flow"].to(x.device) * (STRENGTH_BOOST if boost else 1.0)
         grid = (_identity_grid(*x.shape[-2:], x.device) + flow[None]).clamp(-1, 1)
         return F.grid_sample(x, grid.expand(len(x), -1, -1, -1), align_corners=True)
     m, p = params["mask"].to(x.device), params["pattern"].to(x.device)
-    m = m.sqrt() if boost else m
+    if boost:
+        m = m.sqrt() if family == "mask" else (m * STRENGTH_BOOST).clamp(max=1.0)
     return (1 - m) * x + m * p
 
 
