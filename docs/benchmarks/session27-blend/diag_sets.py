@@ -8,39 +8,20 @@ weighs them), flips on the search split, test ACC and ASR.
 """
 import json, sys, time
 import torch
-from bench.zoo import load_zoo
-from onp_core.data import balanced_subset, load_dataset
 from onp_core.defenses import run_repair
-from onp_core.defenses.base import clean_splits
 from onp_core.defenses.onp.breakability import weigh_by_breakability
-from onp_core.defenses.onp.context import Batch, ModelContext
 from onp_core.defenses.onp.reward import SynthesizedTriggerScore
-from onp_core.defenses.onp.search import Config, synthesize_as_configured
+from onp_core.defenses.onp.search import synthesize_as_configured
+from subject_setup import from_argv
 
-profile, dataset, attack, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-subject = load_zoo(profile, [dataset], [attack], cached_only=True)[0]
-model = subject.model
-clean = balanced_subset(load_dataset(dataset, "train"), 500, seed=100 + seed)
-cfg = Config(seed=seed)
-dev = torch.device("cpu")
-search_set, _ = clean_splits(clean, cfg)
-search = Batch.from_set(search_set, dev)
-ctx = ModelContext(model, dev)
-names = [l.name for l in ctx.neurons.layers]
+setup = from_argv()
+subject, clean, cfg, search, ctx = setup.subject, setup.clean, setup.cfg, setup.search, setup.ctx
+model, seed, keep_of = subject.model, cfg.seed, setup.keep_of
 test, triggered = subject.test_sets()
 target = subject.attack.target
 clean_cache, trig_cache = ctx.prefix_cache(test.float()), ctx.prefix_cache(triggered.float())
 ref = ctx.logits(None, search.x).argmax(1)
 search_cache = ctx.prefix_cache(search.x)
-
-
-def keep_of(pruned: dict) -> torch.Tensor:
-    keep = torch.ones(ctx.total)
-    for name, chans in pruned.items():
-        i = names.index(name)
-        for c in chans:
-            keep[ctx.offsets[i] + c] = 0
-    return keep
 
 
 trig = synthesize_as_configured(ctx, search, model.manifest.num_classes, cfg)

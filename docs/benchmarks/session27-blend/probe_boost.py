@@ -5,38 +5,19 @@ and on given pruned sets, beside the planted trigger's ASR (reported only). Scra
         'LABEL={"layer": [channels]}' ...
 """
 import json, sys
-import torch
-from bench.zoo import load_zoo
-from onp_core.data import balanced_subset, load_dataset
-from onp_core.defenses.base import clean_splits
-from onp_core.defenses.onp.context import Batch, ModelContext
 from onp_core.defenses.onp.families import stamp
-from onp_core.defenses.onp.search import Config, synthesize_as_configured
+from onp_core.defenses.onp.search import synthesize_as_configured
+from subject_setup import from_argv
 
-profile, dataset, attack, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-subject = load_zoo(profile, [dataset], [attack], cached_only=True)[0]
+setup = from_argv()
+subject, cfg, search, ctx, keep_of = setup.subject, setup.cfg, setup.search, setup.ctx, setup.keep_of
 model = subject.model
-clean = balanced_subset(load_dataset(dataset, "train"), 500, seed=100 + seed)
-cfg = Config(seed=seed)
-dev = torch.device("cpu")
-search_set, _ = clean_splits(clean, cfg)
-search = Batch.from_set(search_set, dev)
-ctx = ModelContext(model, dev)
-names = [l.name for l in ctx.neurons.layers]
 test, triggered = subject.test_sets()
 target = subject.attack.target
 trig_cache = ctx.prefix_cache(triggered.float()[:2000])
 clean_cache = ctx.prefix_cache(test.float()[:2000])
 trig = synthesize_as_configured(ctx, search, model.manifest.num_classes, cfg)
 print("suspects", trig.suspects, "anomaly", [round(float(a), 2) for a in trig.anomaly])
-
-
-def keep_of(pruned: dict) -> torch.Tensor:
-    keep = torch.ones(ctx.total)
-    for name, chans in pruned.items():
-        for c in chans:
-            keep[ctx.offsets[names.index(name)] + c] = 0
-    return keep
 
 
 sets = [("upload", {})] + [(a.split("=", 1)[0], json.loads(a.split("=", 1)[1])) for a in sys.argv[5:]]
