@@ -5,16 +5,18 @@ the same neurons were pruned, and the means of ΔACC, ASR and DER. Session 27.
 """
 import json
 import sys
+from pathlib import Path
 
 
 def pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-old = {(r["subject"], r["method"], r["seed"]): r for f in sys.argv[1].split(",") for r in json.load(open(f))}
+old = {(r["subject"], r["method"], r["seed"]): r for f in sys.argv[1].split(",")
+       for r in json.loads(Path(f).read_text())}
 totals: dict[str, list[tuple[float, float, float]]] = {"old": [], "new": []}
 for f in sys.argv[2].split(","):
-    for r in json.load(open(f)):
+    for r in json.loads(Path(f).read_text()):
         if r["method"] == "none":
             continue
         o = old.get((r["subject"], r["method"], r["seed"]))

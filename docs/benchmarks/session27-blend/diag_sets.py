@@ -6,13 +6,16 @@ session 27 (docs/ONP.md §1y). Reads the attack only to *report* ASR, as bench.f
 For ONP's repair, CLP's and each of ONP's rounds: neurons, synthesised-trigger score (round-1 triggers as the search
 weighs them), flips on the search split, test ACC and ASR.
 """
-import json, sys, time
-import torch
+import json
+import sys
+import time
+
+from subject_setup import from_argv
+
 from onp_core.defenses import run_repair
 from onp_core.defenses.onp.breakability import weigh_by_breakability
 from onp_core.defenses.onp.reward import SynthesizedTriggerScore
 from onp_core.defenses.onp.search import synthesize_as_configured
-from subject_setup import from_argv
 
 setup = from_argv()
 subject, clean, cfg, search, ctx = setup.subject, setup.clean, setup.cfg, setup.search, setup.ctx

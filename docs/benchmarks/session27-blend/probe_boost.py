@@ -4,10 +4,13 @@ and on given pruned sets, beside the planted trigger's ASR (reported only). Scra
     PYTHONPATH=. ONP_CACHE_DIR=var/cache python docs/benchmarks/session27-blend/probe_boost.py PROFILE DATASET ATTACK SEED \
         'LABEL={"layer": [channels]}' ...
 """
-import json, sys
+import json
+import sys
+
+from subject_setup import from_argv
+
 from onp_core.defenses.onp.families import stamp
 from onp_core.defenses.onp.search import synthesize_as_configured
-from subject_setup import from_argv
 
 setup = from_argv()
 subject, cfg, search, ctx, keep_of = setup.subject, setup.cfg, setup.search, setup.ctx, setup.keep_of
