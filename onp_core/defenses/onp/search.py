@@ -106,6 +106,10 @@ class Config(DefenseConfig):
     anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log cost) at which a class starts to count")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
     anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-cost units)")
+    anomaly_spread: Literal["lower", "all"] = Field(
+        "lower", description="the anomaly index's MAD over the classes at or below the median (a one-sided test "
+        "for cheap outliers; classes a family cannot reach at all no longer widen it), or over all classes "
+        "(sessions 1–27; a weak planted warp stayed at index 0.85–1.36, docs/ONP.md §1z)")
     breakability: bool = Field(True, description="scale each secondary suspect's weight by how cheaply pruning its "
                                "top ≤ 3 neurons halves its target probability; the most breakable suspect keeps its "
                                "weight (breakability.py; natural shortcuts cannot be cut without wrecking the model, "
@@ -347,7 +351,7 @@ def synthesize_as_configured(ctx: ModelContext, search: Batch, num_classes: int,
     return synthesize_triggers(ctx, search, num_classes, cfg.synth_steps, cfg.synth_per_class, cfg.seed + round_index,
                                cfg.anomaly_low, cfg.anomaly_high, restarts=cfg.synth_restarts,
                                mask_restarts=cfg.mask_restarts, min_spread=cfg.anomaly_min_spread,
-                               families=cfg.synth_families, on_step=on_step)
+                               families=cfg.synth_families, on_step=on_step, spread=cfg.anomaly_spread)
 
 
 def repair(model: ImageClassifier, clean: ImageSet, config: Config | None = None,

@@ -61,7 +61,7 @@ class TriggerSet:
                 "by_family": self.by_family}
 
 
-def anomaly_index(cost: torch.Tensor, min_spread: float = 0.5) -> torch.Tensor:
+def anomaly_index(cost: torch.Tensor, min_spread: float = 0.5, spread: str = "lower") -> torch.Tensor:
     """Robust z-score of −log(cost), its spread floored at ``min_spread`` (log units).
 
     σ is 1.4826·MAD (≈ σ for a normal distribution), but never below ``min_spread``: once
@@ -70,10 +70,19 @@ def anomaly_index(cost: torch.Tensor, min_spread: float = 0.5) -> torch.Tensor:
     model. With the floor at 0.5 a class must be ~2.7× cheaper than the median to reach
     z = 2 however tight the others are (measured, docs/ONP.md: natural classes of a clean
     model ≤ 0.8 log units below the median, planted 3×3 BadNets masks 2.0–2.3).
+
+    ``spread="lower"`` takes the MAD over the classes at or below the median only (the left
+    half of a double MAD). The test is one-sided, for cheap outliers, and the cost
+    distribution is not symmetric: some classes cannot be reached at all in a family (a warp
+    never sends 4 of 10 CIFAR-10 classes' images anywhere), and their distance above the
+    median says nothing about how far a natural *cheap* shortcut strays below it. With one
+    MAD over all classes those unreachable classes held a planted warp, the cheapest class
+    on both clean sets, at index 0.85–1.36 (docs/ONP.md §1z). ``"all"`` is the one MAD.
     """
     log_cost = cost.clamp_min(1e-6).log()
     med = log_cost.quantile(0.5)
-    mad = (log_cost - med).abs().quantile(0.5) * 1.4826
+    side = log_cost[log_cost <= med] if spread == "lower" else log_cost
+    mad = (side - med).abs().quantile(0.5) * 1.4826
     return (med - log_cost) / mad.clamp_min(min_spread)
 
 
@@ -82,9 +91,10 @@ def anomaly_weights(anomaly: torch.Tensor, low: float, high: float) -> torch.Ten
     return ((anomaly - low) / max(1e-6, high - low)).clamp(0, 1)
 
 
-def combine_families(results: list[FamilyResult], low: float, high: float, min_spread: float) -> TriggerSet:
+def combine_families(results: list[FamilyResult], low: float, high: float, min_spread: float,
+                     spread: str = "lower") -> TriggerSet:
     """Per class, keep the family where its trigger is most anomalous (see the module docstring)."""
-    z = torch.stack([anomaly_index(r.cost, min_spread) for r in results])  # [F, K]
+    z = torch.stack([anomaly_index(r.cost, min_spread, spread) for r in results])  # [F, K]
     anomaly, pick = z.max(0)
     k = len(anomaly)
     chosen = [results[int(pick[c])] for c in range(k)]
@@ -102,14 +112,15 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
                         success_bar: float = 0.9, keep: torch.Tensor | None = None, restarts: int = 2,
                         min_spread: float = 0.5, families: tuple[str, ...] = FAMILIES,
                         on_step: Callable[[str, int, int], None] | None = None,
-                        mask_restarts: int | None = None) -> TriggerSet:
+                        mask_restarts: int | None = None, spread: str = "lower") -> TriggerSet:
     """Synthesise every class's cheapest trigger in each family and rank the classes; see the module docstring.
 
     ``keep`` (a flat keep-mask) synthesises on a partly pruned network. ``on_step(family, done,
     steps)`` follows the optimisation step by step (progress, cancellation). ``mask_restarts``
     (default: ``restarts``) sets the mask family's own: its per-pixel search lands in a natural
     ~45 px minimum on about a third of its restarts on a residual network (docs/ONP.md §1r); the
-    one-opacity and 32-value families have far fewer minima to land in.
+    one-opacity and 32-value families have far fewer minima to land in. ``spread`` is
+    ``anomaly_index``'s.
     """
     ctx.net.set_masks(None if keep is None else ctx.split_flat(keep.to(ctx.device)))
     try:
@@ -121,7 +132,7 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
                    for i, fam in enumerate(families)]
     finally:
         ctx.net.set_masks(None)
-    return combine_families(results, low, high, min_spread)
+    return combine_families(results, low, high, min_spread, spread)
 
 
 def stamp_some(trigger_sets: list[TriggerSet], share: float, seed: int
