@@ -57,6 +57,8 @@ def run_one(subject: Any, method: str, seed: int, n_clean: int, options: dict[st
     # where the time went and what was flagged (ONP), so a slow or missed repair can be explained from the JSON
     row.update({k: result.details[k] for k in ("timing", "suspects", "verdict", "dormant")
                 if result.details.get(k) is not None})
+    if result.details.get("triggers"):  # ONP's first synthesis: every family's per-class costs and indices
+        row["triggers"] = {k: result.details["triggers"][k] for k in ("anomaly", "weights", "by_family")}
     follow_ups = [f for r in result.details.get("rounds", []) for f in r.get("reattacks", [])]
     if follow_ups:  # ONP's re-attack rounds: the suspects' evidence against natural rivals, what each pruned
         row["reattacks"] = [{k: f[k] for k in ("evidence", "verdict", "pruned") if k in f} for f in follow_ups]

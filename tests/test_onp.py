@@ -229,14 +229,14 @@ def test_anomaly_index_needs_a_large_gap_when_the_natural_areas_cluster() -> Non
     assert float(anomaly_index(torch.tensor(natural + [25.0]), min_spread=1e-6)[-1]) > 2.5  # without the floor
 
 
-def test_anomaly_index_is_not_widened_by_classes_a_family_cannot_reach() -> None:
+def test_anomaly_index_lower_spread_is_not_widened_by_classes_a_family_cannot_reach() -> None:
     """The warp costs of the weak CIFAR-10 WaNet subject on clean set 101 (docs/ONP.md §1z): four classes never
     flipped (the family's 32 px placeholder) and the planted target was the cheapest class. One MAD over all ten
-    kept it ordinary; the lower half's spread flags it, and still not the natural runner-up."""
+    (the default) keeps it ordinary; the lower half's spread (an option, not adopted) flags it."""
     from onp_core.defenses.onp.synth import anomaly_index
 
     warp = torch.tensor([1.315, 32.0, 2.065, 3.483, 3.975, 32.0, 32.0, 3.731, 3.821, 32.0])
-    lower, whole = anomaly_index(warp), anomaly_index(warp, spread="all")
+    lower, whole = anomaly_index(warp, spread="lower"), anomaly_index(warp)
     assert float(whole[0]) < 1.5 < float(lower[0])
     assert float(lower[2]) < 1.5
     assert int(lower.argmax()) == 0

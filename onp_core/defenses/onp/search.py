@@ -106,10 +106,10 @@ class Config(DefenseConfig):
     anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log cost) at which a class starts to count")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
     anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-cost units)")
-    anomaly_spread: Literal["lower", "all"] = Field(
-        "lower", description="the anomaly index's MAD over the classes at or below the median (a one-sided test "
-        "for cheap outliers; classes a family cannot reach at all no longer widen it), or over all classes "
-        "(sessions 1–27; a weak planted warp stayed at index 0.85–1.36, docs/ONP.md §1z)")
+    anomaly_spread: Literal["all", "lower"] = Field(
+        "all", description="the anomaly index's MAD over all classes, or over those at or below the median only "
+        "(a one-sided spread: it flagged a weak CIFAR-10 WaNet that 'all' misses, and a natural class of the SIG "
+        "subject too, whose search then left SIG at 57–76%; not adopted, docs/ONP.md §1z)")
     breakability: bool = Field(True, description="scale each secondary suspect's weight by how cheaply pruning its "
                                "top ≤ 3 neurons halves its target probability; the most breakable suspect keeps its "
                                "weight (breakability.py; natural shortcuts cannot be cut without wrecking the model, "
