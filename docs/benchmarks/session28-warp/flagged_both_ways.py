@@ -6,6 +6,7 @@ run's costs answer for both; where the flagged weights agree, the two repairs ar
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from onp_core.defenses.onp.synth import anomaly_index, anomaly_weights
 
 cfg = Config()
 for path in sys.argv[1:]:
-    for row in json.load(open(path)):
+    for row in json.loads(Path(path).read_text()):
         if "triggers" not in row:
             continue
         out, top = {}, {}

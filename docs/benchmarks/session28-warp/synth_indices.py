@@ -39,8 +39,8 @@ for i, fam in enumerate(cfg.synth_families):
     out["families"][fam] = {"cost": [round(float(c), 3) for c in res.cost], "z": [round(float(v), 2) for v in a],
                             "z_lower": [round(float(v), 2) for v in b]}
     print(f"{fam:5s} cost " + " ".join(f"{float(c):6.3f}" for c in res.cost), flush=True)
-    print(f"      z    " + " ".join(f"{float(v):6.2f}" for v in a))
-    print(f"      zlow " + " ".join(f"{float(v):6.2f}" for v in b), flush=True)
+    print("      z    " + " ".join(f"{float(v):6.2f}" for v in a))
+    print("      zlow " + " ".join(f"{float(v):6.2f}" for v in b), flush=True)
 for name, zs in (("now", z_now), ("lower", z_low)):
     z = torch.stack(zs).max(0).values
     w = anomaly_weights(z, cfg.anomaly_low, cfg.anomaly_high)
