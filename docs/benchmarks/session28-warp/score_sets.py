@@ -31,6 +31,9 @@ for text in ["{}"] + sys.argv[5:]:
     keep = setup.keep_of(pruned)
     acc = float((clean_cache.logits(keep).argmax(1) == test.labels).float().mean())
     asr = float((trig_cache.logits(keep).argmax(1) == target).float().mean())
-    flips = float((search_cache.logits(keep).argmax(1) != ref).float().mean())
-    print(f"n={int((keep == 0).sum()):3d} synth={score(keep):.3f} flips={flips:.3f} ACC={100 * acc:.2f} "
+    pred = search_cache.logits(keep).argmax(1)
+    flips = float((pred != ref).float().mean())
+    broken = float(((pred != ref) & (ref == search.y)).float().mean())  # right → wrong only
+    print(f"n={int((keep == 0).sum()):3d} synth={score(keep):.3f} flips={flips:.3f} broken={broken:.3f} "
+          f"ACC={100 * acc:.2f} "
           f"ASR={100 * asr:.2f}  {text}", flush=True)
