@@ -11,17 +11,8 @@ import sys
 import torch
 from subject_setup import from_argv
 
-from onp_core.defenses.onp.families import FAMILIES, optimise_family
+from onp_core.defenses.onp.families import optimise_family
 from onp_core.defenses.onp.synth import anomaly_index, anomaly_weights
-
-
-def lower_half_index(cost: torch.Tensor, min_spread: float = 0.5) -> torch.Tensor:
-    log_cost = cost.clamp_min(1e-6).log()
-    med = log_cost.quantile(0.5)
-    low = log_cost[log_cost <= med]
-    mad = (low - med).abs().quantile(0.5) * 1.4826
-    return (med - log_cost) / mad.clamp_min(min_spread)
-
 
 setup = from_argv()
 cfg, ctx, search = setup.cfg, setup.ctx, setup.search
@@ -30,10 +21,10 @@ out = {"subject": sys.argv[1:5], "families": {}}
 z_now, z_low = [], []
 for i, fam in enumerate(cfg.synth_families):
     restarts = cfg.mask_restarts if fam == "mask" else cfg.synth_restarts
-    res = optimise_family(ctx, search, k, fam, cfg.synth_steps, cfg.synth_per_class, restarts,
-                          cfg.seed + FAMILIES.index(fam) if cfg.synth_families == FAMILIES else cfg.seed + i, 0.9)
+    # the seed synthesize_triggers gives the i-th family
+    res = optimise_family(ctx, search, k, fam, cfg.synth_steps, cfg.synth_per_class, restarts, cfg.seed + i, 0.9)
     a = anomaly_index(res.cost, cfg.anomaly_min_spread, spread="all")
-    b = lower_half_index(res.cost, cfg.anomaly_min_spread)
+    b = anomaly_index(res.cost, cfg.anomaly_min_spread, spread="lower")
     z_now.append(a)
     z_low.append(b)
     out["families"][fam] = {"cost": [round(float(c), 3) for c in res.cost], "z": [round(float(v), 2) for v in a],

@@ -38,7 +38,7 @@ from .graph import build_graphs
 from .joint import joint_mask_scores
 from .reattack import reattack
 from .reward import SCORES, Reward, make_score
-from .synth import TriggerSet, activation_gain, stamp_some, synthesize_triggers
+from .synth import Spread, TriggerSet, activation_gain, stamp_some, synthesize_triggers
 
 NAME = "onp"
 # The dormant sweep's budget (docs/ONP.md §1u). After a search pruned something it is a light touch, 2 of 500 clean
@@ -106,7 +106,7 @@ class Config(DefenseConfig):
     anomaly_low: float = Field(1.5, description="anomaly index (robust z of −log cost) at which a class starts to count")
     anomaly_high: float = Field(2.5, description="anomaly index at which a class counts fully")
     anomaly_min_spread: float = Field(0.5, gt=0, description="floor on the anomaly index's spread (log-cost units)")
-    anomaly_spread: Literal["all", "lower"] = Field(
+    anomaly_spread: Spread = Field(
         "all", description="the anomaly index's MAD over all classes, or over those at or below the median only "
         "(a one-sided spread: it flagged a weak CIFAR-10 WaNet that 'all' misses, and a natural class of the SIG "
         "subject too, whose search then left SIG at 57–76%; not adopted, docs/ONP.md §1z)")

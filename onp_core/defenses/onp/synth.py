@@ -23,11 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
 from .context import Batch, ModelContext
 from .families import FAMILIES, FamilyResult, optimise_family, stamp
+
+# What the anomaly index's MAD is taken over: every class, or those at or below the median (``anomaly_index``).
+Spread = Literal["all", "lower"]
 
 
 @dataclass
@@ -61,7 +65,7 @@ class TriggerSet:
                 "by_family": self.by_family}
 
 
-def anomaly_index(cost: torch.Tensor, min_spread: float = 0.5, spread: str = "all") -> torch.Tensor:
+def anomaly_index(cost: torch.Tensor, min_spread: float = 0.5, spread: Spread = "all") -> torch.Tensor:
     """Robust z-score of −log(cost), its spread floored at ``min_spread`` (log units).
 
     σ is 1.4826·MAD (≈ σ for a normal distribution), but never below ``min_spread``: once
@@ -78,6 +82,8 @@ def anomaly_index(cost: torch.Tensor, min_spread: float = 0.5, spread: str = "al
     it raised the natural warp class 2 of the SIG subject to 2.05 as well, and its search then
     left SIG (removed at the defaults) at 57–76%. ``"all"`` (default) is the one MAD.
     """
+    if spread not in get_args(Spread):
+        raise ValueError(f"unknown anomaly spread {spread!r}; one of {get_args(Spread)}")
     log_cost = cost.clamp_min(1e-6).log()
     med = log_cost.quantile(0.5)
     side = log_cost[log_cost <= med] if spread == "lower" else log_cost
@@ -91,7 +97,7 @@ def anomaly_weights(anomaly: torch.Tensor, low: float, high: float) -> torch.Ten
 
 
 def combine_families(results: list[FamilyResult], low: float, high: float, min_spread: float,
-                     spread: str = "all") -> TriggerSet:
+                     spread: Spread = "all") -> TriggerSet:
     """Per class, keep the family where its trigger is most anomalous (see the module docstring)."""
     z = torch.stack([anomaly_index(r.cost, min_spread, spread) for r in results])  # [F, K]
     anomaly, pick = z.max(0)
@@ -111,7 +117,7 @@ def synthesize_triggers(ctx: ModelContext, batch: Batch, num_classes: int, steps
                         success_bar: float = 0.9, keep: torch.Tensor | None = None, restarts: int = 2,
                         min_spread: float = 0.5, families: tuple[str, ...] = FAMILIES,
                         on_step: Callable[[str, int, int], None] | None = None,
-                        mask_restarts: int | None = None, spread: str = "all") -> TriggerSet:
+                        mask_restarts: int | None = None, spread: Spread = "all") -> TriggerSet:
     """Synthesise every class's cheapest trigger in each family and rank the classes; see the module docstring.
 
     ``keep`` (a flat keep-mask) synthesises on a partly pruned network. ``on_step(family, done,
